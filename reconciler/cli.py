@@ -1,0 +1,213 @@
+"""The `reconcile` command: parses arguments, calls the loop, prints and exits.
+
+Top of the one-way flow cli -> loop -> (desired, observed, plan, kvm). A user
+mistake ends in a one-line message and a non-zero exit, never a traceback.
+
+Exit codes: 0 converged, 1 something failed (or the manifests have errors),
+2 changes pending (`--check`), 64 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from reconciler.observed import StateDir, StateDirError, default_state_dir
+
+EX_USAGE = 64
+SUBCOMMANDS = ("status", "validate", "schema", "down")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's own exit code 2 would read as "changes pending".
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where VM records live (env RECONCILER_STATE_DIR; "
+                             f"default {default_state_dir()})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reconcile",
+        description="Converge the QEMU VMs running on this host with YAML manifests.",
+        epilog="other commands: reconcile {status,validate,schema,down} --help",
+    )
+    parser.add_argument("path", type=Path, help="a manifest file or directory")
+    parser.add_argument("--once", action="store_true",
+                        help="reconcile once and exit (watch mode is not available yet)")
+    parser.add_argument("--check", action="store_true",
+                        help="plan only, change nothing; exit 2 when changes are pending")
+    parser.add_argument("--diff", action="store_true", help="show spec changes (with --check)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--parallel", type=int, default=4, metavar="N",
+                        help="start at most N VMs at a time (default 4)")
+    _common(parser)
+    return parser
+
+
+def _sub_parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"reconcile {command}")
+    if command == "validate":
+        parser.description = "Check manifests; report every error at once."
+        parser.add_argument("path", type=Path)
+    elif command == "status":
+        parser.description = "One row per VM, like vmctl status."
+        parser.add_argument("--json", action="store_true")
+        _common(parser)
+    elif command == "down":
+        parser.description = "Terminate every managed VM gracefully."
+        _common(parser)
+    elif command == "schema":
+        parser.description = "Print the JSON Schema of a VM manifest (for editors)."
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(args_list)
+    except StateDirError as err:
+        print(f"reconcile: {err}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        command = argv[0]
+        args = _sub_parser(command).parse_args(argv[1:])
+        _logging(getattr(args, "verbose", False))
+        handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down}
+        return handler[command](args)
+    args = _main_parser().parse_args(argv)
+    _logging(args.verbose)
+    if not args.once:
+        _Parser(prog="reconcile").error(
+            "watch mode is not available yet; run `reconcile --once PATH`")
+    return _once(args)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("qemu").setLevel(logging.CRITICAL)
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(args.state_dir or default_state_dir())
+
+
+def _once(args: argparse.Namespace) -> int:
+    from reconciler.loop import Outcome, reconcile_once
+
+    state = _state(args)
+    if args.check:
+        report = asyncio.run(reconcile_once(args.path, state, check=True))
+    else:
+        with state.locked():
+            report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return report.exit_code()
+    for error in report.errors:
+        print(error, file=sys.stderr)
+    width = max((len(r.vm) for r in report.results), default=0)
+    for r in report.results:
+        text = r.reason if not r.detail else f"{r.reason}: {r.detail}"
+        if r.outcome is Outcome.PENDING:
+            text = f"would {r.action.value}: {r.reason}"
+        lines = text.splitlines() or [""]
+        print(f"{r.vm:<{width}}  {r.outcome.value:<7}  {lines[0]}")
+        for more in lines[1:]:
+            print(f"{'':<{width}}  {'':<7}    {more}")
+    counts = ", ".join(f"{report.count(o)} {o.value}" for o in Outcome)
+    problems = f", {len(report.errors)} manifest/state errors" if report.errors else ""
+    print(f"recap: {counts}{problems}")
+    return report.exit_code()
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from reconciler import desired
+
+    loaded = desired.load(args.path)
+    for error in loaded.errors:
+        print(error, file=sys.stderr)
+    if not loaded.files and not loaded.errors:
+        print(f"{args.path}: no *.yaml or *.yml manifests found", file=sys.stderr)
+        return 1
+    if loaded.errors:
+        return 1
+    print(f"{len(loaded.vms)} VMs in {len(loaded.files)} files: ok")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from reconciler.desired import VM
+
+    print(json.dumps(VM.model_json_schema(), indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from reconciler import kvm
+    from reconciler.observed import observe
+
+    state = _state(args)
+    seen, problems = asyncio.run(observe(state, kvm.query_status))
+    rows: list[dict[str, Any]] = []
+    for name, vm in sorted(seen.items()):
+        spec = vm.record.spec
+        rows.append({
+            "name": name, "state": vm.status.value,
+            "pid": vm.record.pid if vm.status.value != "exited" else None,
+            "vcpus": spec.get("vcpus"), "memory": f"{spec.get('memory')}M",
+            "accel": vm.record.accel, "restarts": 0, "managed": True,
+            "source": vm.record.source, "detail": vm.detail,
+        })
+    for pid, cmd in kvm.unmanaged_qemu({r.record.pid for r in seen.values()}):
+        rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
+                     "memory": None, "accel": None, "restarts": None, "managed": False,
+                     "source": None, "detail": ""})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        header = ("NAME", "STATE", "PID", "VCPUS", "MEMORY", "ACCEL", "RESTARTS", "MANAGED")
+        keys = ("name", "state", "pid", "vcpus", "memory", "accel", "restarts", "managed")
+        table = [header] + [
+            tuple("-" if row[k] is None else ("yes" if row[k] is True else
+                  "no" if row[k] is False else str(row[k])) for k in keys)
+            for row in rows
+        ]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for line in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from reconciler.loop import down
+
+    state = _state(args)
+    with state.locked():
+        results = asyncio.run(down(state))
+    for name, outcome in results:
+        print(f"{name}  {outcome}")
+    return 1 if any(o.startswith("failed") for _, o in results) else 0

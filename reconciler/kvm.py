@@ -1,0 +1,334 @@
+"""The VM driver: QEMU's command line, launch, QMP control, terminate, accelerator choice.
+
+Apply stage of desired -> observed -> plan -> apply: the only module that starts or
+signals QEMU. QMP goes through `qemu.qmp`, QEMU's own client.
+
+Exceptions (library errors are translated once, here, at the boundary)::
+
+    DriverError
+     ├── LaunchError    QEMU did not come up: exit code, command line, output tail
+     └── ControlError   a QMP command failed or QMP did not answer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from reconciler.desired import VM, Accel
+from reconciler.observed import Record, VMPaths, is_alive, process_start_time
+
+log = logging.getLogger("reconciler.kvm")
+
+QEMU = "qemu-system-x86_64"
+QMP_TIMEOUT = 5.0
+LAUNCH_TIMEOUT = 15.0
+QUIT_TIMEOUT = 5.0
+KILL_TIMEOUT = 5.0
+POWER_BUTTON_REPEAT = 5.0
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+class DriverError(Exception):
+    """Something the driver was asked to do did not happen."""
+
+
+class LaunchError(DriverError):
+    def __init__(self, message: str, *, argv: Sequence[str], exit_code: int | None,
+                 output: str) -> None:
+        self.argv, self.exit_code, self.output = list(argv), exit_code, output
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        lines = [self.args[0]]
+        if self.exit_code is not None:
+            lines.append(f"exit code: {self.exit_code}")
+        lines.append("command: " + " ".join(self.argv))
+        if self.output.strip():
+            lines.append("output:\n  " + "\n  ".join(self.output.strip().splitlines()[-10:]))
+        return "\n".join(lines)
+
+
+class ControlError(DriverError):
+    pass
+
+
+# --- accelerator ----------------------------------------------------------
+
+def choose_accel(requested: Accel, *, sys_module: Path = Path("/sys/module"),
+                 dev_kvm: Path = Path("/dev/kvm")) -> str:
+    """`auto` picks KVM only with hardware virtualization (kvm_intel/kvm_amd).
+
+    A `/dev/kvm` backed by kvm_pvm runs only PVM-enabled guest kernels (a stock
+    kernel hangs there), so it counts as no KVM: TCG.
+    """
+    if requested is not Accel.AUTO:
+        return requested.value
+    if not os.access(dev_kvm, os.R_OK | os.W_OK):
+        return "tcg"
+    hardware = any((sys_module / m).exists() for m in ("kvm_intel", "kvm_amd"))
+    return "kvm" if hardware else "tcg"
+
+
+# --- command line ---------------------------------------------------------
+
+def opt(value: object) -> str:
+    """A value inside a QEMU `key=value,...` option: commas are doubled, never separators."""
+    return str(value).replace(",", ",,")
+
+
+def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str = QEMU
+              ) -> list[str]:
+    """The QEMU command line for vm, as an argv list (never a shell)."""
+    argv = [
+        binary, "-nodefaults", "-no-user-config",
+        "-name", f"guest={opt(vm.name)}",
+        "-machine", "pc", "-accel", accel,
+        "-m", f"{vm.memory}M", "-smp", str(vm.vcpus),
+        "-display", "none",
+        "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", (f"socket,id=serial0,path={opt(paths.serial)},server=on,wait=off,"
+                     f"logfile={opt(paths.serial_log)},logappend=on"),
+        "-serial", "chardev:serial0",
+        "-no-reboot",
+        "-sandbox", SANDBOX,
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    # -kernel, -initrd and -append take their argument verbatim (no option parsing).
+    argv += ["-kernel", str(vm.boot.kernel)]
+    if vm.boot.initrd is not None:
+        argv += ["-initrd", str(vm.boot.initrd)]
+    if vm.boot.cmdline:
+        argv += ["-append", vm.boot.cmdline]
+    if paused:
+        argv.append("-S")
+    return argv
+
+
+# --- QMP ------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def qmp(paths: VMPaths, *, timeout: float = QMP_TIMEOUT) -> AsyncIterator[QMPClient]:
+    """A short QMP session with one VM (QEMU serves one client at a time)."""
+    client = QMPClient(paths.dir.name)
+    try:
+        await asyncio.wait_for(client.connect(str(paths.qmp)), timeout)
+    except (QMPError, OSError, TimeoutError) as err:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+        raise ControlError(f"cannot connect to QMP at {paths.qmp}: {err or 'timed out'}") from err
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+async def execute(paths: VMPaths, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async with qmp(paths) as client:
+        try:
+            return await asyncio.wait_for(client.execute(command, arguments), QMP_TIMEOUT)
+        except (QMPError, OSError, TimeoutError) as err:
+            raise ControlError(f"QMP {command} failed: {err or 'timed out'}") from err
+
+
+async def query_status(paths: VMPaths) -> str:
+    reply = await execute(paths, "query-status")
+    return str(reply["status"])
+
+
+async def pause(paths: VMPaths) -> None:
+    await execute(paths, "stop")
+
+
+async def unpause(paths: VMPaths) -> None:
+    await execute(paths, "cont")
+
+
+# --- launch ---------------------------------------------------------------
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _spawn(argv: list[str], paths: VMPaths) -> int:
+    """Start QEMU in its own session, output to qemu.log: it outlives this process."""
+    binary = shutil.which(argv[0])
+    if binary is None:
+        raise LaunchError(f"{argv[0]} not found; install qemu-system-x86",
+                          argv=argv, exit_code=None, output="")
+    out = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        return os.posix_spawn(binary, argv, os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2),
+        ])
+    finally:
+        os.close(out)
+
+
+def _reap(pid: int) -> int | None:
+    """Exit code of our child pid if it has ended (None while it runs or if not ours)."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
+                remember: Callable[[Record], None]) -> Record:
+    """Launch QEMU for vm and wait until QMP answers.
+
+    `remember` gets the record as soon as the process exists, so a reconciler
+    that dies right then still knows the VM; a QEMU that never answers is killed.
+    """
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    for stale in (paths.qmp, paths.serial):
+        stale.unlink(missing_ok=True)
+    accel = choose_accel(vm.accel)
+    argv = qemu_argv(vm, paths, accel=accel, paused=paused)
+    pid = _spawn(argv, paths)
+    start_time = process_start_time(pid) or 0
+    record = Record(
+        name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
+        source=source, pid=pid, start_time=start_time, started_at=time.time(),
+        accel=accel, argv=argv,
+    )
+    try:
+        remember(record)
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(LAUNCH_TIMEOUT),
+            wait=wait_exponential(multiplier=0.002, max=0.1),
+            retry=retry_if_exception_type(ControlError),
+            reraise=True,
+        ):
+            with attempt:
+                code = _reap(pid)
+                if code is not None:
+                    raise LaunchError(f"vm '{vm.name}': QEMU exited during start", argv=argv,
+                                      exit_code=code, output=_tail(paths.qemu_log))
+                await query_status(paths)
+    except ControlError as err:
+        _kill(pid)
+        raise LaunchError(f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
+                          argv=argv, exit_code=_reap(pid), output=_tail(paths.qemu_log)) from err
+    except BaseException:
+        _kill(pid)
+        raise
+    return record
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+# --- terminate ------------------------------------------------------------
+
+async def _wait_exit(pidfd: int, timeout: float) -> bool:
+    """True when the process behind pidfd ends within timeout."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(ended, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+
+
+async def terminate(record: Record, paths: VMPaths, *, timeout: float) -> str:
+    """Ask the guest to power off, then QMP `quit`, then SIGKILL; says which ended it."""
+    if not is_alive(record):
+        return "process already gone"
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except ProcessLookupError:
+        return "process already gone"
+    try:
+        return await _shutdown(record, paths, pidfd, timeout=timeout)
+    finally:
+        os.close(pidfd)
+        _reap(record.pid)
+
+
+async def _shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: float) -> str:
+    name = record.name
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if await query_status(paths) != "running":
+                await unpause(paths)  # a paused guest cannot see its power button
+            await execute(paths, "system_powerdown")
+        except ControlError as err:
+            log.debug("vm '%s': power button not pressed: %s", name, err)
+            if await _wait_exit(pidfd, 0):
+                break
+        if await _wait_exit(pidfd, min(left, POWER_BUTTON_REPEAT)):
+            return "guest powered off"
+    if await _wait_exit(pidfd, 0):
+        return "guest powered off"
+    log.info("vm '%s': guest did not power off within %.0fs; quitting QEMU", name, timeout)
+    with contextlib.suppress(ControlError):
+        await execute(paths, "quit")
+    if await _wait_exit(pidfd, QUIT_TIMEOUT):
+        return f"quit after {timeout:.0f}s grace"
+    log.info("vm '%s': QEMU did not quit; killing it", name)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    if await _wait_exit(pidfd, KILL_TIMEOUT):
+        return "killed"
+    raise ControlError(f"vm '{name}': pid {record.pid} survived SIGKILL")
+
+
+def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:
+    """QEMU processes on this host that are not in `known` pids: (pid, guest name)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in known:
+            continue
+        try:
+            if not (proc / "comm").read_text().startswith("qemu-system"):
+                continue
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = f"pid-{proc.name}"
+        for flag, value in itertools.pairwise(args):
+            if flag == b"-name":
+                name = value.decode(errors="replace").removeprefix("guest=").split(",")[0]
+        found.append((int(proc.name), name))
+    return sorted(found)
