@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,10 +105,10 @@ def _resolve_file(value: Path, info: ValidationInfo) -> Path:
     path = value.expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    path = Path(*path.parts)  # normalise without resolving symlinks
+    path = Path(os.path.normpath(path.absolute()))  # lexically: symlinks stay as written
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
-    return path.absolute()
+    return path
 
 
 class Boot(BaseModel):

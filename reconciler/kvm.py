@@ -320,6 +320,8 @@ def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) in known:
             continue
+        if process_start_time(int(proc.name)) is None:  # gone, or a zombie
+            continue
         try:
             if not (proc / "comm").read_text().startswith("qemu-system"):
                 continue
