@@ -33,7 +33,13 @@ from tenacity import (
 )
 
 from reconciler.desired import VM, Accel
-from reconciler.observed import Record, VMPaths, is_alive, process_start_time
+from reconciler.observed import (
+    MAX_SOCKET_PATH,
+    Record,
+    VMPaths,
+    is_alive,
+    process_start_time,
+)
 
 log = logging.getLogger("reconciler.kvm")
 
@@ -206,6 +212,11 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     `remember` gets the record as soon as the process exists, so a reconciler
     that dies right then still knows the VM; a QEMU that never answers is killed.
     """
+    if len(str(paths.serial)) > MAX_SOCKET_PATH:
+        raise LaunchError(
+            f"vm '{vm.name}': socket path {paths.serial} is longer than unix sockets allow "
+            f"({MAX_SOCKET_PATH}); use a shorter --state-dir or VM name",
+            argv=[], exit_code=None, output="")
     paths.dir.mkdir(parents=True, exist_ok=True)
     for stale in (paths.qmp, paths.serial):
         stale.unlink(missing_ok=True)

@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # sockaddr_un.sun_path is 108 bytes including the NUL.
-_MAX_SOCKET_PATH = 107
-_LONGEST_NAME = 63
-_LONGEST_LEAF = "/serial.sock"
+MAX_SOCKET_PATH = 107
 
 
 class StateDirError(Exception):
@@ -104,11 +102,9 @@ class StateDir:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
         self.vms_dir = self.root / "vms"
-        longest = len(str(self.vms_dir)) + 1 + _LONGEST_NAME + len(_LONGEST_LEAF)
-        if longest > _MAX_SOCKET_PATH:
+        if len(str(self.paths("x").serial)) > MAX_SOCKET_PATH:
             raise StateDirError(
-                f"state dir {self.root} is too long for unix sockets "
-                f"(at most {_MAX_SOCKET_PATH - longest + len(str(self.root))} characters); "
+                f"state dir {self.root} is too long for the unix sockets of its VMs; "
                 "choose a shorter --state-dir"
             )
 

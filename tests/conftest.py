@@ -1,0 +1,119 @@
+"""Shared fixtures: the test guest, temp state dirs, and the `reconcile` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST = REPO / "guest" / "out"
+MARKER = "reconciler-guest: up"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def __str__(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.out}--- stderr\n{self.err}"
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    """The test guest built by guest/build.sh; its absence is a set-up error, not a skip."""
+    for name in ("vmlinuz", "initrd.img"):
+        if not (GUEST / name).is_file():
+            pytest.fail(f"test guest missing: {GUEST / name}; run guest/build.sh (./setup.sh does)")
+    return GUEST
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh state dir; every VM still alive in it is killed at teardown."""
+    state = tmp_path / "state"
+    yield state
+    for record in state.glob("vms/*/record.json"):
+        pid = json.loads(record.read_text())["pid"]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+
+
+@pytest.fixture
+def reconcile(state_dir: Path) -> Callable[..., Run]:
+    """Run the real command line in a subprocess, against the test's state dir."""
+
+    def run(*args: str | Path, check: int | None = None) -> Run:
+        env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
+        proc = subprocess.run(
+            [sys.executable, "-m", "reconciler", *map(str, args)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        result = Run(proc.returncode, proc.stdout, proc.stderr)
+        if check is not None:
+            assert result.code == check, str(result)
+        return result
+
+    return run
+
+
+def vm_manifest(name: str, guest: Path, **fields: str) -> str:
+    """One VM document on the test guest."""
+    lines = [f"name: {name}", "memory: 96M"]
+    lines += [f"{k}: {v}" for k, v in fields.items()]
+    lines += [
+        "boot:",
+        f"  kernel: {guest / 'vmlinuz'}",
+        f"  initrd: {guest / 'initrd.img'}",
+        "  cmdline: console=ttyS0 quiet",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def record(state_dir: Path, name: str) -> dict[str, object]:
+    return json.loads((state_dir / "vms" / name / "record.json").read_text())  # type: ignore[no-any-return]
+
+
+def pid_of(state_dir: Path, name: str) -> int:
+    return int(record(state_dir, name)["pid"])  # type: ignore[call-overload]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def serial(state_dir: Path, name: str) -> str:
+    path = state_dir / "vms" / name / "serial.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_serial(state_dir: Path, name: str, pattern: str = MARKER, *,
+                    count: int = 1, timeout: float = 90) -> None:
+    wait_for(lambda: len(re.findall(pattern, serial(state_dir, name))) >= count,
+             timeout=timeout, what=f"{pattern!r} x{count} on vm {name}'s console")

@@ -1,0 +1,93 @@
+"""The driver's pure parts: the QEMU command line and the accelerator choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.desired import VM, Accel
+from reconciler.kvm import choose_accel, opt, qemu_argv
+from reconciler.observed import VMPaths
+
+
+def make_vm(tmp_path: Path, **fields: object) -> VM:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    return VM.model_validate({"name": "web", "boot": {"kernel": str(kernel)}, **fields})
+
+
+def value_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def test_the_command_line_is_locked_down(tmp_path: Path) -> None:
+    argv = qemu_argv(make_vm(tmp_path, memory="512M", vcpus=2), VMPaths(tmp_path / "web"),
+                     accel="tcg", paused=False)
+    assert argv[0] == "qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert value_after(argv, "-m") == ["512M"]
+    assert value_after(argv, "-smp") == ["2"]
+    assert value_after(argv, "-accel") == ["tcg"]
+    assert value_after(argv, "-sandbox")[0].startswith("on,")
+    assert "spawn=deny" in value_after(argv, "-sandbox")[0]
+    assert "-S" not in argv
+    assert "-cpu" not in argv
+
+
+def test_a_paused_start_adds_dash_s(tmp_path: Path) -> None:
+    assert "-S" in qemu_argv(make_vm(tmp_path), VMPaths(tmp_path), accel="tcg", paused=True)
+
+
+def test_kvm_uses_the_host_cpu(tmp_path: Path) -> None:
+    argv = qemu_argv(make_vm(tmp_path), VMPaths(tmp_path), accel="kvm", paused=False)
+    assert value_after(argv, "-cpu") == ["host"]
+
+
+def test_commas_in_paths_cannot_inject_options(tmp_path: Path) -> None:
+    evil = tmp_path / "a,server=off,path=-evil"
+    argv = qemu_argv(make_vm(tmp_path), VMPaths(evil), accel="tcg", paused=False)
+    qmp = next(v for v in value_after(argv, "-chardev") if v.startswith("socket,id=qmp,"))
+    assert f"path={tmp_path}/a,,server=off,,path=-evil/qmp.sock,server=on" in qmp
+    assert opt("a,b,,c") == "a,,b,,,,c"
+
+
+def test_kernel_initrd_and_cmdline_are_passed_verbatim(tmp_path: Path) -> None:
+    weird = tmp_path / "-k,x"
+    weird.mkdir()
+    (weird / "vmlinuz").write_bytes(b"k")
+    vm = VM.model_validate({"name": "w", "boot": {
+        "kernel": str(weird / "vmlinuz"), "initrd": str(weird / "vmlinuz"),
+        "cmdline": "console=ttyS0,115200 quiet"}})
+    argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False)
+    assert value_after(argv, "-kernel") == [str(weird / "vmlinuz")]
+    assert value_after(argv, "-initrd") == [str(weird / "vmlinuz")]
+    assert value_after(argv, "-append") == ["console=ttyS0,115200 quiet"]
+
+
+@pytest.mark.parametrize(("modules", "expected"), [
+    (["kvm", "kvm_intel"], "kvm"),
+    (["kvm", "kvm_amd"], "kvm"),
+    (["kvm", "kvm_pvm"], "tcg"),
+    ([], "tcg"),
+])
+def test_auto_picks_kvm_only_with_hardware_virtualization(
+    tmp_path: Path, modules: list[str], expected: str
+) -> None:
+    sys_module = tmp_path / "module"
+    for module in modules:
+        (sys_module / module).mkdir(parents=True)
+    dev_kvm = tmp_path / "kvm"
+    dev_kvm.touch()
+    assert choose_accel(Accel.AUTO, sys_module=sys_module, dev_kvm=dev_kvm) == expected
+
+
+def test_auto_without_dev_kvm_is_tcg(tmp_path: Path) -> None:
+    (tmp_path / "kvm_intel").mkdir()
+    assert choose_accel(Accel.AUTO, sys_module=tmp_path, dev_kvm=tmp_path / "none") == "tcg"
+
+
+def test_an_explicit_accelerator_is_respected(tmp_path: Path) -> None:
+    assert choose_accel(Accel.KVM, sys_module=tmp_path, dev_kvm=tmp_path / "none") == "kvm"
+    assert choose_accel(Accel.TCG) == "tcg"
