@@ -228,7 +228,7 @@ async def observe(state: StateDir, query_status: QueryStatus) -> tuple[
             qmp_status = await query_status(state.paths(record.name))
         except Exception as err:  # a live VM whose QMP fails is still there
             return ObservedVM(record.name, Status.RUNNING, record, f"QMP not answering: {err}")
-        usual = qmp_status in ("running", "paused")
+        usual = qmp_status in ("running", "paused", "prelaunch")
         detail = "" if usual else f"QMP status {qmp_status}"
         return ObservedVM(record.name, status_from_qmp(qmp_status), record, detail)
 
