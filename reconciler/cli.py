@@ -49,7 +49,6 @@ def _main_parser() -> argparse.ArgumentParser:
                         help="reconcile once and exit (watch mode is not available yet)")
     parser.add_argument("--check", action="store_true",
                         help="plan only, change nothing; exit 2 when changes are pending")
-    parser.add_argument("--diff", action="store_true", help="show spec changes (with --check)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--parallel", type=int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
