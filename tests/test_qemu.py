@@ -190,3 +190,20 @@ def test_validate_reports_every_error_without_touching_vms(
         f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, boot, "
         "kind, labels, memory, name, on_change, restart, state, stop_timeout, vcpus)",
     ]
+
+
+def test_a_guest_that_ignores_the_power_button_is_quit_after_its_grace(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile
+) -> None:
+    # rdinit=/bin/sh: a bare shell as init, so no acpid listens for the button.
+    text = vm_manifest("deaf", guest, stop_timeout="1s").replace(
+        "console=ttyS0 quiet", "console=ttyS0 quiet rdinit=/bin/sh")
+    (tmp_path / "vm.yaml").write_text(text)
+    reconcile("--once", tmp_path, check=0)
+    wait_for_serial(state_dir, "deaf", "~ #|/ #")
+    pid = pid_of(state_dir, "deaf")
+    (tmp_path / "vm.yaml").write_text(text + "state: stopped\n")
+    run = reconcile("--once", tmp_path, check=0)
+    assert lines_by_vm(run)["deaf"] == (
+        "changed  running but declared stopped: terminated: quit after 1s grace")
+    assert not alive(pid)
