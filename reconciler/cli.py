@@ -48,7 +48,8 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--once", action="store_true",
                         help="reconcile once and exit (watch mode is not available yet)")
     parser.add_argument("--check", action="store_true",
-                        help="plan only, change nothing; exit 2 when changes are pending")
+                        help="plan only, change nothing (implies --once); "
+                             "exit 2 when changes are pending")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--parallel", type=int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
@@ -94,7 +95,7 @@ def _dispatch(argv: list[str]) -> int:
         return handler[command](args)
     args = _main_parser().parse_args(argv)
     _logging(args.verbose)
-    if not args.once:
+    if not args.once and not args.check:  # a check is always a single pass
         _Parser(prog="reconcile").error(
             "watch mode is not available yet; run `reconcile --once PATH`")
     return _once(args)
@@ -152,7 +153,8 @@ def _validate(args: argparse.Namespace) -> int:
         return 1
     if loaded.errors:
         return 1
-    print(f"{len(loaded.vms)} VMs in {len(loaded.files)} files: ok")
+    vms, files = len(loaded.vms), len(loaded.files)
+    print(f"{vms} VM{'s' * (vms != 1)} in {files} file{'s' * (files != 1)}: ok")
     return 0
 
 
@@ -210,3 +212,7 @@ def _down(args: argparse.Namespace) -> int:
     for name, outcome in results:
         print(f"{name}  {outcome}")
     return 1 if any(o.startswith("failed") for _, o in results) else 0
+
+
+if __name__ == "__main__":
+    main()

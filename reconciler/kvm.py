@@ -22,15 +22,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import QMPClient, QMPError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
+from typing import TYPE_CHECKING, Any
 
 from reconciler.desired import VM, Accel
 from reconciler.observed import (
@@ -40,6 +32,12 @@ from reconciler.observed import (
     is_alive,
     process_start_time,
 )
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
+# qemu.qmp and tenacity are imported where used: a start spawns QEMU first and pays
+# for them while QEMU boots; commands that never talk to QMP do not pay at all.
 
 log = logging.getLogger("reconciler.kvm")
 
@@ -135,6 +133,8 @@ def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str =
 @contextlib.asynccontextmanager
 async def qmp(paths: VMPaths, *, timeout: float = QMP_TIMEOUT) -> AsyncIterator[QMPClient]:
     """A short QMP session with one VM (QEMU serves one client at a time)."""
+    from qemu.qmp import QMPClient, QMPError
+
     client = QMPClient(paths.dir.name)
     try:
         await asyncio.wait_for(client.connect(str(paths.qmp)), timeout)
@@ -150,6 +150,8 @@ async def qmp(paths: VMPaths, *, timeout: float = QMP_TIMEOUT) -> AsyncIterator[
 
 
 async def execute(paths: VMPaths, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    from qemu.qmp import QMPError
+
     async with qmp(paths) as client:
         try:
             return await asyncio.wait_for(client.execute(command, arguments), QMP_TIMEOUT)
@@ -223,6 +225,8 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     accel = choose_accel(vm.accel)
     argv = qemu_argv(vm, paths, accel=accel, paused=paused)
     pid = _spawn(argv, paths)
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
     start_time = process_start_time(pid) or 0
     record = Record(
         name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
