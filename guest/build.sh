@@ -34,6 +34,7 @@
 #                       are module names (virtio_net, ...) or the groups
 #                       acpi, pvpanic, net, blk (net/blk include virtio_pci)
 #   rg.action=poweroff|reboot|panic   do it right after the "up" marker
+#   rg.powerbtn=reboot  the ACPI power button reboots instead of powering off
 # Always loaded: button+evdev (acpid power button), pvpanic(+mmio,+pci),
 # virtio_pci+virtio_blk.  virtio_net is loaded for rg.ip.
 # Console lines printed by /init:
@@ -70,7 +71,12 @@ if [ $# -gt 0 ]; then
 fi
 OUTDIR=${OUTDIR:-$SCRIPT_DIR/out}
 
-have_guest() { [ -s "$OUTDIR/vmlinuz" ] && [ -s "$OUTDIR/initrd.img" ]; }
+# The cache is valid while this script is unchanged: a newer /init rebuilds it.
+SCRIPT_SUM=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)
+have_guest() {
+    [ -s "$OUTDIR/vmlinuz" ] && [ -s "$OUTDIR/initrd.img" ] \
+        && grep -qx "script_sha256=$SCRIPT_SUM" "$OUTDIR/build-info.txt" 2>/dev/null
+}
 
 if [ "$FORCE" = 0 ] && have_guest; then
     echo "$PROG: guest already built in $OUTDIR (vmlinuz, initrd.img); use --force to rebuild"
@@ -303,8 +309,13 @@ cat > "$ROOT/etc/acpi/PWRF/00000080" <<'EOF'
 mkdir /run/rg-power-button 2>/dev/null || exit 0
 # Leading newline: the console may hold a half line (shell prompt).
 printf '\r\n' > /dev/console
-echo "reconciler-guest: power button pressed, shutting down" > /dev/console
 sync
+case " $(cat /proc/cmdline) " in
+    *" rg.powerbtn=reboot "*)
+        echo "reconciler-guest: power button pressed, rebooting" > /dev/console
+        reboot -f ;;
+esac
+echo "reconciler-guest: power button pressed, shutting down" > /dev/console
 poweroff -f
 EOF
 chmod 0755 "$ROOT/etc/acpi/PWRF/00000080"
@@ -454,10 +465,11 @@ kernel_package=$KPKG
 kernel_version=$KVER
 modules=$(printf '%s\n' "${!COPIED[@]}" | sort | tr '\n' ' ')
 busybox=$("$BUSYBOX" 2>&1 | head -n1)
+script_sha256=$SCRIPT_SUM
 EOF
 
-# Move into place: initrd first, vmlinuz last (the cache check needs both).
-mv -f "$WORK/build-info.txt" "$OUTDIR/build-info.txt"
+# Move into place: build-info last (the cache check needs all three).
 mv -f "$WORK/initrd.img" "$OUTDIR/initrd.img"
 mv -f "$WORK/vmlinuz" "$OUTDIR/vmlinuz"
+mv -f "$WORK/build-info.txt" "$OUTDIR/build-info.txt"
 echo "$PROG: built guest in $OUTDIR (kernel $KVER, initrd $(stat -c %s "$OUTDIR/initrd.img") bytes)"
