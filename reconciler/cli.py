@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
-SUBCOMMANDS = ("status", "validate", "schema", "down")
+SUBCOMMANDS = ("status", "validate", "schema", "down", "console")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,14 +42,18 @@ def _main_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="reconcile",
         description="Converge the QEMU VMs running on this host with YAML manifests.",
-        epilog="other commands: reconcile {status,validate,schema,down} --help",
+        epilog="other commands: reconcile {status,validate,schema,down,console} --help",
     )
     parser.add_argument("path", type=Path, help="a manifest file or directory")
     parser.add_argument("--once", action="store_true",
-                        help="reconcile once and exit (watch mode is not available yet)")
+                        help="reconcile once and exit (default: keep converging as a daemon)")
     parser.add_argument("--check", action="store_true",
                         help="plan only, change nothing (implies --once); "
                              "exit 2 when changes are pending")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --once: wait until the VMs it started are ready")
+    parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+                        help="daemon: converge at least this often (default 30)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--parallel", type=int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
@@ -68,6 +72,10 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         _common(parser)
     elif command == "down":
         parser.description = "Terminate every managed VM gracefully."
+        _common(parser)
+    elif command == "console":
+        parser.description = "Attach to a VM's serial console (detach with ~.)."
+        parser.add_argument("name")
         _common(parser)
     elif command == "schema":
         parser.description = "Print the JSON Schema of a VM manifest (for editors)."
@@ -91,14 +99,17 @@ def _dispatch(argv: list[str]) -> int:
         command = argv[0]
         args = _sub_parser(command).parse_args(argv[1:])
         _logging(getattr(args, "verbose", False))
-        handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down}
+        handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down,
+                   "console": _console}
         return handler[command](args)
     args = _main_parser().parse_args(argv)
-    _logging(args.verbose)
-    if not args.once and not args.check:  # a check is always a single pass
-        _Parser(prog="reconcile").error(
-            "watch mode is not available yet; run `reconcile --once PATH`")
-    return _once(args)
+    if args.once or args.check:  # a check is always a single pass
+        _logging(args.verbose)
+        return _once(args)
+    if args.wait or args.json:
+        _Parser(prog="reconcile").error("--wait and --json go with --once")
+    _logging(True)
+    return _watch(args)
 
 
 def _logging(verbose: bool) -> None:
@@ -121,7 +132,8 @@ def _once(args: argparse.Namespace) -> int:
         report = asyncio.run(reconcile_once(args.path, state, check=True))
     else:
         with state.locked():
-            report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel))
+            report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
+                                                wait=args.wait))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return report.exit_code()
@@ -166,30 +178,37 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import time
+
     from reconciler import kvm
-    from reconciler.observed import observe
+    from reconciler.observed import Status, observe
+    from reconciler.plan import describe
 
     state = _state(args)
-    seen, problems = asyncio.run(observe(state, kvm.query_status))
+    now = time.time()
+    seen, problems = asyncio.run(observe(state, kvm.query_status, now=now))
     rows: list[dict[str, Any]] = []
     for name, vm in sorted(seen.items()):
-        spec = vm.record.spec
+        spec, record = vm.record.spec, vm.record
         rows.append({
-            "name": name, "state": vm.status.value,
-            "pid": vm.record.pid if vm.status.value != "exited" else None,
+            "name": name, "state": describe(vm, now=now),
+            "pid": record.pid if vm.status is not Status.EXITED else None,
             "vcpus": spec.get("vcpus"), "memory": f"{spec.get('memory')}M",
-            "accel": vm.record.accel, "restarts": 0, "managed": True,
-            "source": vm.record.source, "detail": vm.detail,
+            "accel": record.accel, "restarts": record.restarts, "reboots": record.reboots,
+            "managed": True, "source": record.source,
+            "exit": vm.exit.reason.value if vm.exit else None, "detail": vm.detail,
         })
     for pid, cmd in kvm.unmanaged_qemu({r.record.pid for r in seen.values()}):
         rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
-                     "memory": None, "accel": None, "restarts": None, "managed": False,
-                     "source": None, "detail": ""})
+                     "memory": None, "accel": None, "restarts": None, "reboots": None,
+                     "managed": False, "source": None, "exit": None, "detail": ""})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        header = ("NAME", "STATE", "PID", "VCPUS", "MEMORY", "ACCEL", "RESTARTS", "MANAGED")
-        keys = ("name", "state", "pid", "vcpus", "memory", "accel", "restarts", "managed")
+        header = ("NAME", "STATE", "PID", "VCPUS", "MEMORY", "ACCEL", "RESTARTS", "REBOOTS",
+                  "MANAGED", "DETAIL")
+        keys = ("name", "state", "pid", "vcpus", "memory", "accel", "restarts", "reboots",
+                "managed", "detail")
         table = [header] + [
             tuple("-" if row[k] is None else ("yes" if row[k] is True else
                   "no" if row[k] is False else str(row[k])) for k in keys)
@@ -216,3 +235,43 @@ def _down(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+def _console(args: argparse.Namespace) -> int:
+    from reconciler import console
+
+    return console.main(_state(args).root, args.name)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from reconciler.loop import Report, Watch
+
+    state = _state(args)
+    log = logging.getLogger("reconciler")
+    errors_seen: list[str] = []
+
+    def on_report(report: Report) -> None:
+        if report.errors != errors_seen:  # once per change, not on every pass
+            errors_seen[:] = report.errors
+            for error in report.errors:
+                log.error("%s", error)
+        for result in report.results:
+            if result.outcome.value == "failed" and result.action.value == "none":
+                log.warning("vm '%s': %s", result.vm, result.reason)
+
+    async def run() -> None:
+        watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
+                      on_report=on_report)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, watch.stop)
+        log.info("watching %s (state dir %s); VMs keep running when this exits",
+                 args.path, state.root)
+        await watch.run()
+        log.info("stopped after %d passes; VMs left running", watch.passes)
+
+    with state.locked():
+        asyncio.run(run())
+    return 0

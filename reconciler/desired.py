@@ -126,6 +126,24 @@ class Boot(BaseModel):
         return None if value is None else _resolve_file(value, info)
 
 
+class Ready(BaseModel):
+    """When is the guest up: a regex seen on its serial console within a timeout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serial: str
+    timeout: Seconds = Field(60.0, gt=0, le=24 * 3600)
+
+    @field_validator("serial")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+
 class VM(BaseModel):
     """One `kind: VM` document."""
 
@@ -141,12 +159,13 @@ class VM(BaseModel):
     accel: Accel = Accel.AUTO
     boot: Boot
     stop_timeout: Seconds = Field(30.0, ge=0, le=3600)
+    ready: Ready | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     # Fields a running VM can follow without a restart; every other field is
     # hardware, and a change to it changes the spec hash.
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"kind", "state", "restart", "on_change", "stop_timeout", "labels"}
+        {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels"}
     )
 
     def hardware(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +112,14 @@ def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str =
         "-chardev", (f"socket,id=serial0,path={opt(paths.serial)},server=on,wait=off,"
                      f"logfile={opt(paths.serial_log)},logappend=on"),
         "-serial", "chardev:serial0",
+        # Exits the loop can explain: a reset ends QEMU, a panic is seen (pvpanic) and
+        # fails it, the shutdown cause is traced to qemu.log, and a clean exit removes
+        # the pidfile (a kill leaves it behind).
         "-no-reboot",
+        "-device", "pvpanic",
+        "-action", "panic=exit-failure",
+        "-trace", "qemu_system_shutdown_request",
+        "-pidfile", str(paths.pidfile),
         "-sandbox", SANDBOX,
     ]
     if accel == "kvm":
@@ -198,8 +205,11 @@ def _spawn(argv: list[str], paths: VMPaths) -> int:
         os.close(out)
 
 
-def _reap(pid: int) -> int | None:
-    """Exit code of our child pid if it has ended (None while it runs or if not ours)."""
+def reap(pid: int) -> int | None:
+    """Exit status of our child pid once ended: the code, or -N for signal N.
+
+    None while it runs, or when it is not our child (an adopted VM).
+    """
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -208,7 +218,7 @@ def _reap(pid: int) -> int | None:
 
 
 async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
-                remember: Callable[[Record], None]) -> Record:
+                remember: Callable[[Record], None], history: Mapping[str, int]) -> Record:
     """Launch QEMU for vm and wait until QMP answers.
 
     `remember` gets the record as soon as the process exists, so a reconciler
@@ -220,8 +230,12 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             f"({MAX_SOCKET_PATH}); use a shorter --state-dir or VM name",
             argv=[], exit_code=None, output="")
     paths.dir.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.qmp, paths.serial):
+    for stale in (paths.qmp, paths.serial, paths.pidfile):
         stale.unlink(missing_ok=True)
+    try:
+        serial_offset = paths.serial_log.stat().st_size
+    except FileNotFoundError:
+        serial_offset = 0
     accel = choose_accel(vm.accel)
     argv = qemu_argv(vm, paths, accel=accel, paused=paused)
     pid = _spawn(argv, paths)
@@ -231,7 +245,9 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     record = Record(
         name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
         source=source, pid=pid, start_time=start_time, started_at=time.time(),
-        accel=accel, argv=argv,
+        accel=accel, argv=argv, serial_offset=serial_offset,
+        restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
+        backoff=history.get("backoff", 0),
     )
     try:
         remember(record)
@@ -242,7 +258,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             reraise=True,
         ):
             with attempt:
-                code = _reap(pid)
+                code = reap(pid)
                 if code is not None:
                     raise LaunchError(f"vm '{vm.name}': QEMU exited during start", argv=argv,
                                       exit_code=code, output=_tail(paths.qemu_log))
@@ -250,7 +266,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     except ControlError as err:
         _kill(pid)
         raise LaunchError(f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
-                          argv=argv, exit_code=_reap(pid), output=_tail(paths.qemu_log)) from err
+                          argv=argv, exit_code=reap(pid), output=_tail(paths.qemu_log)) from err
     except BaseException:
         _kill(pid)
         raise
@@ -297,7 +313,7 @@ async def terminate(record: Record, paths: VMPaths, *, timeout: float) -> str:
         return await _shutdown(record, paths, pidfd, timeout=timeout)
     finally:
         os.close(pidfd)
-        _reap(record.pid)
+        reap(record.pid)
 
 
 async def _shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: float) -> str:

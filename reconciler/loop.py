@@ -1,16 +1,21 @@
-"""One reconcile pass: load desired, observe, plan, apply; and what it reports.
+"""One reconcile pass (load desired, observe, plan, apply) and the loop that repeats it.
 
-`reconcile_once()` is the unit: `--once` calls it once, watch mode on each wake-up.
-It sits on top of desired -> observed -> plan -> apply and is the only place
-where their results meet the driver (`kvm.py`).
+`reconcile_once()` is the unit: `--once` calls it once; `Watch` (the daemon, vmd's
+vmm process made declarative) calls it on every wake-up: a VM process ending
+(pidfd, reaped with waitpid when it is our child), a backed-off restart falling
+due, or the resync timer. This is the only place where desired, observed and plan
+meet the driver (`kvm.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -18,13 +23,27 @@ from typing import Any
 from reconciler import desired as desired_mod
 from reconciler import kvm
 from reconciler.desired import VM, Declared, State
-from reconciler.observed import ObservedVM, StateDir, observe
-from reconciler.plan import Action, Kind, plan
+from reconciler.observed import (
+    ExitReason,
+    ObservedVM,
+    Readiness,
+    Record,
+    StateDir,
+    Status,
+    console_since,
+    console_tail,
+    is_alive,
+    observe,
+    post_mortem,
+    readiness,
+)
+from reconciler.plan import BACKOFF_RESET_AFTER, Action, Kind, plan
 
 log = logging.getLogger("reconciler")
 
 # vmd's "staggered start parallel N": starts run concurrently up to this many.
 DEFAULT_PARALLEL = 4
+READY_POLL = 0.05
 
 
 class Outcome(StrEnum):
@@ -49,6 +68,7 @@ class Result:
 class Report:
     results: list[Result] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    retry_at: float | None = None  # the earliest backed-off restart
 
     def count(self, outcome: Outcome) -> int:
         return sum(r.outcome is outcome for r in self.results)
@@ -76,27 +96,35 @@ class Report:
 
 
 async def reconcile_once(
-    manifests: Path, state: StateDir, *, check: bool = False, parallel: int = DEFAULT_PARALLEL
+    manifests: Path, state: StateDir, *, check: bool = False,
+    parallel: int = DEFAULT_PARALLEL, wait: bool = False,
 ) -> Report:
-    """Load, observe, plan and (unless check) apply, once."""
+    """Load, observe, plan and (unless check) apply, once; `wait`: until ready."""
     loaded = desired_mod.load(manifests)
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors:
-        report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found")
-    seen, problems = await observe(state, kvm.query_status)
+        report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
+                             "nothing is pruned (`reconcile down` stops every VM)")
+    now = time.time()
+    seen, problems = await observe(state, kvm.query_status, now=now)
     report.errors += problems
-    actions = plan(
-        {name: d.vm for name, d in loaded.vms.items()}, seen, prune=not report.errors
-    )
+    actions = plan({name: d.vm for name, d in loaded.vms.items()}, seen,
+                   prune=not report.errors, now=now)
+    report.retry_at = min((a.retry_at for a in actions if a.retry_at), default=None)
     if check:
-        report.results = [
-            Result(a.vm, Outcome.PENDING if a.changes else Outcome.OK, a.kind, a.reason)
-            for a in actions
-        ]
+        report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
+                          for a in actions]
         return report
     applier = _Applier(state, loaded.vms, seen, parallel=parallel)
     report.results = await applier.apply(actions)
+    if wait:
+        report.results = await _wait_ready(state, report.results)
     return report
+
+
+def _unapplied(action: Action, outcome: Outcome) -> Result:
+    return Result(action.vm, Outcome.FAILED if action.problem else outcome, action.kind,
+                  action.reason)
 
 
 class _Applier:
@@ -117,20 +145,30 @@ class _Applier:
 
     async def _one(self, action: Action) -> Result:
         if not action.changes:
-            return Result(action.vm, Outcome.OK, action.kind, action.reason)
+            self._refresh(action.vm)
+            return _unapplied(action, Outcome.OK)
         step: Callable[[Action], Awaitable[str]] = getattr(self, f"_{action.kind.value}")
         try:
             async with self.slots:
                 detail = await step(action)
         except (kvm.DriverError, OSError) as err:
-            log.info("vm '%s': %s failed: %s", action.vm, action.kind, err)
+            log.warning("vm '%s': %s failed: %s", action.vm, action.kind, err)
             return Result(action.vm, Outcome.FAILED, action.kind, action.reason, str(err))
         except Exception as err:  # a bug in one action must not stop the others
             log.debug("vm '%s': %s crashed", action.vm, action.kind, exc_info=True)
             detail = f"internal error: {type(err).__name__}: {err}"
             return Result(action.vm, Outcome.FAILED, action.kind, action.reason, detail)
-        log.info("vm '%s': %s: %s", action.vm, action.kind, detail)
+        log.info("vm '%s': %s (%s): %s", action.vm, action.kind, action.reason, detail)
         return Result(action.vm, Outcome.CHANGED, action.kind, action.reason, detail)
+
+    def _refresh(self, name: str) -> None:
+        """Keep a running VM's record in step with the fields it follows live."""
+        seen, decl = self.seen.get(name), self.declared.get(name)
+        if seen is None or decl is None or seen.status is Status.EXITED:
+            return
+        spec = decl.vm.model_dump(mode="json")
+        if seen.record.spec != spec and seen.record.spec_hash == decl.vm.spec_hash():
+            self.state.write(replace(seen.record, spec=spec, source=str(decl.file)))
 
     async def _start(self, action: Action) -> str:
         decl = self.declared[action.vm]
@@ -138,15 +176,30 @@ class _Applier:
         record = await kvm.start(
             vm, self.state.paths(vm.name), source=str(decl.file),
             paused=vm.state is State.PAUSED, remember=self.state.write,
+            history=self._history(action),
         )
         how = "started paused" if vm.state is State.PAUSED else "started"
         return f"{how} (pid {record.pid}, {record.accel})"
 
+    def _history(self, action: Action) -> dict[str, int]:
+        """Counters the new record carries over from the last run of the VM."""
+        seen = self.seen.get(action.vm)
+        if seen is None:
+            return {}
+        old = seen.record
+        history = {"restarts": old.restarts, "reboots": old.reboots, "backoff": 0}
+        if action.after is not None and seen.exit is not None:
+            ran = seen.exit.at - old.started_at
+            history["backoff"] = 0 if ran >= BACKOFF_RESET_AFTER else old.backoff + 1
+            key = "reboots" if action.after is ExitReason.REBOOT else "restarts"
+            history[key] += 1
+        return history
+
     async def _terminate(self, action: Action) -> str:
         seen = self.seen[action.vm]
         vm: VM | None = self.declared[action.vm].vm if action.vm in self.declared else None
-        timeout = vm.stop_timeout if vm else float(seen.record.spec.get("stop_timeout", 30))
-        how = await kvm.terminate(seen.record, self.state.paths(action.vm), timeout=timeout)
+        how = await terminate(self.state, seen.record,
+                              timeout=vm.stop_timeout if vm else None)
         if vm is None:
             self.state.forget(action.vm)
         return f"terminated: {how}"
@@ -169,19 +222,143 @@ class _Applier:
         return "resumed"
 
 
+async def terminate(state: StateDir, record: Record, *, timeout: float | None) -> str:
+    """Mark the VM as stopping (so its exit is not a failure), then terminate it."""
+    if timeout is None:
+        timeout = float(record.spec.get("stop_timeout", 30))
+    state.write(replace(record, stopping=True))
+    return await kvm.terminate(record, state.paths(record.name), timeout=timeout)
+
+
+async def _wait_ready(state: StateDir, results: list[Result]) -> list[Result]:
+    """`--wait`: each VM started in this pass until ready (or failed), in parallel."""
+
+    async def one(result: Result) -> Result:
+        started = result.outcome is Outcome.CHANGED and result.action in (
+            Kind.START, Kind.RESTART)
+        if not started:
+            return result
+        verdict, ok = await wait_ready(state, result.vm)
+        return replace(result, outcome=Outcome.CHANGED if ok else Outcome.FAILED,
+                       detail=f"{result.detail}; {verdict}")
+
+    return list(await asyncio.gather(*(one(r) for r in results)))
+
+
+async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
+    """Until the VM's `ready.serial` shows on its console: (what happened, ready?)."""
+    paths = state.paths(name)
+    while True:
+        records, _ = state.records()
+        record = records.get(name)
+        if record is None:
+            return "its record is gone", False
+        if not is_alive(record):
+            gone = post_mortem(record, paths)
+            tail = console_tail(console_since(paths, record.serial_offset))
+            return f"exited while starting: {gone.detail}; console tail:\n{tail}", False
+        ready, tail = readiness(record, paths, now=time.time())
+        if ready is None:
+            return "running", True
+        if ready is Readiness.READY:
+            return f"ready after {time.time() - record.started_at:.1f}s", True
+        if ready is Readiness.UNREADY:
+            spec = record.spec["ready"]
+            return (f"not ready: no {spec['serial']!r} on the console within "
+                    f"{float(spec['timeout']):g}s; console tail:\n{tail}"), False
+        await asyncio.sleep(READY_POLL)
+
+
 async def down(state: StateDir) -> list[tuple[str, str]]:
     """Terminate every managed VM gracefully (vmd's vmm_shutdown); records are kept."""
-    seen, _ = await observe(state, kvm.query_status)
+    seen, _ = await observe(state, kvm.query_status, now=time.time())
 
     async def one(vm: ObservedVM) -> tuple[str, str]:
-        if vm.status.value == "exited":
+        if vm.status is Status.EXITED:
             return vm.name, "not running"
-        timeout = float(vm.record.spec.get("stop_timeout", 30))
         try:
-            how = await kvm.terminate(vm.record, state.paths(vm.name), timeout=timeout)
+            how = await terminate(state, vm.record, timeout=None)
         except (kvm.DriverError, OSError) as err:
             return vm.name, f"failed: {err}"
         return vm.name, f"terminated: {how}"
 
-    return list(await asyncio.gather(*(one(vm) for vm in sorted(seen.values(),
-                                                                  key=lambda v: v.name))))
+    ordered = sorted(seen.values(), key=lambda v: v.name)
+    return list(await asyncio.gather(*(one(vm) for vm in ordered)))
+
+
+class Watch:
+    """The daemon: a pass on every VM exit, due restart and resync tick.
+
+    VMs are never stopped when it exits: the next run adopts them.
+    """
+
+    def __init__(self, manifests: Path, state: StateDir, *, resync: float = 30.0,
+                 parallel: int = DEFAULT_PARALLEL,
+                 on_report: Callable[[Report], None] | None = None) -> None:
+        self.manifests, self.state = manifests, state
+        self.resync, self.parallel = resync, parallel
+        self.on_report = on_report or (lambda report: None)
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.passes = 0
+        self._pidfds: dict[int, int] = {}  # pid -> pidfd of every live VM
+
+    async def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.wake.clear()
+                report = await reconcile_once(self.manifests, self.state,
+                                              parallel=self.parallel)
+                self.passes += 1
+                self.on_report(report)
+                self._watch_exits()
+                await self._sleep(report.retry_at)
+        finally:
+            for pid in list(self._pidfds):
+                self._unwatch(pid)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    async def _sleep(self, retry_at: float | None) -> None:
+        timeout = self.resync
+        if retry_at is not None:
+            timeout = min(timeout, max(0.0, retry_at - time.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _watch_exits(self) -> None:
+        """A pidfd per live VM: its exit wakes the loop at once, no polling."""
+        records, _ = self.state.records()
+        live = {r.pid: r for r in records.values() if is_alive(r)}
+        for pid in set(self._pidfds) - set(live):
+            self._unwatch(pid)
+        loop = asyncio.get_running_loop()
+        for pid, record in live.items():
+            if pid in self._pidfds:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            self._pidfds[pid] = pidfd
+            loop.add_reader(pidfd, self._exited, record.name, pid)
+
+    def _unwatch(self, pid: int) -> None:
+        pidfd = self._pidfds.pop(pid, None)
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+
+    def _exited(self, name: str, pid: int) -> None:
+        """vmd's vmm_sighdlr: reap, record why the VM ended, wake the loop."""
+        self._unwatch(pid)
+        status = kvm.reap(pid)
+        records, _ = self.state.records()
+        record = records.get(name)
+        if record is not None and record.pid == pid and record.exit is None:
+            gone = post_mortem(record, self.state.paths(name), status=status, at=time.time())
+            self.state.write(replace(record, exit=gone))
+            log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
+        self.wake.set()

@@ -17,7 +17,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,29 @@ class Status(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     EXITED = "exited"
+
+
+class ExitReason(StrEnum):
+    """Why a VM's QEMU process ended (vmd's SIGCHLD path)."""
+
+    REBOOT = "reboot"  # guest reset: with -no-reboot, QEMU exits
+    POWEROFF = "poweroff"  # the guest powered itself off
+    PANIC = "panic"  # guest kernel panic, seen through pvpanic
+    KILLED = "killed"  # a signal from the host
+    CRASHED = "crashed"  # QEMU itself failed
+    QUIT = "quit"  # a QMP quit nobody here asked for
+
+    @property
+    def failure(self) -> bool:
+        return self not in (ExitReason.REBOOT, ExitReason.POWEROFF)
+
+
+@dataclass(frozen=True)
+class Exit:
+    reason: ExitReason
+    detail: str
+    at: float
+    requested: bool = False  # this reconciler asked for it (terminate, save)
 
 
 def default_state_dir() -> Path:
@@ -61,6 +86,12 @@ class Record:
     started_at: float
     accel: str
     argv: list[str] = field(default_factory=list)
+    serial_offset: int = 0  # serial.log size at start: this boot's output follows
+    restarts: int = 0  # automatic restarts after exits (reboots not counted)
+    reboots: int = 0
+    backoff: int = 0  # automatic restarts in a row without 10 min of running
+    stopping: bool = False  # a stop was asked for (vmd's VM_STATE_SHUTDOWN)
+    exit: Exit | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -68,7 +99,12 @@ class Record:
     @classmethod
     def from_json(cls, text: str) -> Record:
         data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if fields.get("exit") is not None:
+            gone = fields["exit"]
+            fields["exit"] = Exit(ExitReason(gone["reason"]), gone["detail"], gone["at"],
+                                  gone.get("requested", False))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,10 @@ class VMPaths:
     @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
 
 
 class StateDir:
@@ -197,6 +237,106 @@ def is_alive(record: Record) -> bool:
     return process_start_time(record.pid) == record.start_time
 
 
+# --- exits ----------------------------------------------------------------
+
+# QEMU's ShutdownCause, as traced by `-trace qemu_system_shutdown_request` to its log.
+_SHUTDOWN_CAUSES = {
+    1: (ExitReason.CRASHED, "QEMU host error"),
+    2: (ExitReason.QUIT, "quit over QMP"),
+    4: (ExitReason.KILLED, "host signal"),
+    6: (ExitReason.POWEROFF, "guest powered off"),
+    7: (ExitReason.REBOOT, "guest rebooted"),
+    8: (ExitReason.PANIC, "guest panicked"),
+}
+_CAUSE_RE = re.compile(r"qemu_system_shutdown_request reason=(\d+)")
+_SIGNAL_RE = re.compile(r"terminating on signal (\d+)")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_cause(*, qemu_log: str, pidfile_left: bool, status: int | None
+               ) -> tuple[ExitReason, str]:
+    """Why QEMU ended (pure): the exit status when we reaped it, the shutdown cause
+    QEMU traced to its log, and whether it lived to remove its pidfile.
+
+    A guest reset under -no-reboot is the one clean exit that traces no cause.
+    """
+    if status is not None and status < 0:
+        return ExitReason.KILLED, f"killed by {_signal_name(-status)}"
+    if match := _SIGNAL_RE.search(qemu_log):
+        return ExitReason.KILLED, f"terminated by {_signal_name(int(match[1]))}"
+    causes = _CAUSE_RE.findall(qemu_log)
+    if causes and int(causes[-1]) in _SHUTDOWN_CAUSES:
+        return _SHUTDOWN_CAUSES[int(causes[-1])]
+    if status is not None and status > 0:
+        errors = [line for line in qemu_log.splitlines() if "qemu_system_" not in line]
+        last = f": {errors[-1].strip()}" if errors else ""
+        return ExitReason.CRASHED, f"QEMU exited with code {status}{last}"
+    if pidfile_left:
+        return ExitReason.KILLED, "ended without a clean exit (killed or crashed)"
+    return ExitReason.REBOOT, "guest rebooted"
+
+
+def post_mortem(record: Record, paths: VMPaths, *, status: int | None = None,
+                at: float | None = None) -> Exit:
+    """The Exit of a VM whose process is gone, from what it left behind."""
+    try:
+        log_text = paths.qemu_log.read_text(errors="replace")
+    except OSError:
+        log_text = ""
+    reason, detail = exit_cause(qemu_log=log_text, pidfile_left=paths.pidfile.exists(),
+                                status=status)
+    if at is None:  # the last sign of life it left
+        times = [record.started_at]
+        for path in (paths.qemu_log, paths.serial_log):
+            with contextlib.suppress(OSError):
+                times.append(path.stat().st_mtime)
+        at = max(times)
+    return Exit(reason, detail, at, requested=record.stopping)
+
+
+# --- readiness ------------------------------------------------------------
+
+class Readiness(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    UNREADY = "unready"  # its timeout passed without the pattern on the console
+
+
+def console_since(paths: VMPaths, offset: int, *, limit: int = 1 << 20) -> str:
+    """This boot's console output (the log is appended across boots), at most limit bytes."""
+    try:
+        with paths.serial_log.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def console_tail(text: str, lines: int = 10) -> str:
+    clean = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
+    return "\n".join(clean[-lines:])
+
+
+def readiness(record: Record, paths: VMPaths, *, now: float) -> tuple[Readiness | None, str]:
+    """starting/ready/unready for a VM with `ready.serial`, with the console tail."""
+    ready = record.spec.get("ready")
+    if not ready:
+        return None, ""
+    text = console_since(paths, record.serial_offset)
+    if re.search(ready["serial"], text, re.MULTILINE):
+        return Readiness.READY, ""
+    if now > record.started_at + float(ready["timeout"]):
+        return Readiness.UNREADY, console_tail(text)
+    return Readiness.STARTING, ""
+
+
 # --- interpretation -------------------------------------------------------
 
 def status_from_qmp(qmp_status: str) -> Status:
@@ -210,27 +350,35 @@ class ObservedVM:
     status: Status
     record: Record
     detail: str = ""
+    exit: Exit | None = None  # why it ended, when EXITED
+    ready: Readiness | None = None  # with `ready.serial`, when running
+    console: str = ""  # console tail, when not ready in time
 
 
 QueryStatus = Callable[[VMPaths], Awaitable[str]]
 
 
-async def observe(state: StateDir, query_status: QueryStatus) -> tuple[
+async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> tuple[
     dict[str, ObservedVM], list[str]
 ]:
     """Every managed VM with its status; problems are reported, not raised."""
     records, problems = state.records()
 
     async def one(record: Record) -> ObservedVM:
+        paths = state.paths(record.name)
         if not is_alive(record):
-            return ObservedVM(record.name, Status.EXITED, record, "process is gone")
+            gone = record.exit or post_mortem(record, paths)
+            return ObservedVM(record.name, Status.EXITED, record, gone.detail, exit=gone)
+        ready, console = readiness(record, paths, now=now)
         try:
-            qmp_status = await query_status(state.paths(record.name))
+            qmp_status = await query_status(paths)
         except Exception as err:  # a live VM whose QMP fails is still there
-            return ObservedVM(record.name, Status.RUNNING, record, f"QMP not answering: {err}")
+            return ObservedVM(record.name, Status.RUNNING, record,
+                              f"QMP not answering: {err}", ready=ready, console=console)
         usual = qmp_status in ("running", "paused", "prelaunch")
         detail = "" if usual else f"QMP status {qmp_status}"
-        return ObservedVM(record.name, status_from_qmp(qmp_status), record, detail)
+        return ObservedVM(record.name, status_from_qmp(qmp_status), record, detail,
+                          ready=ready, console=console)
 
     seen = await asyncio.gather(*(one(r) for r in records.values()))
     return {vm.name: vm for vm in seen}, problems

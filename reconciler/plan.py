@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from reconciler.desired import VM, OnChange, State
-from reconciler.observed import ObservedVM, Status
+from reconciler.desired import VM, OnChange, Restart, State
+from reconciler.observed import ExitReason, ObservedVM, Readiness, Record, Status
+
+# Restarts after exits back off: the first at once, then 1 s doubling up to 5 min;
+# a VM that ran for 10 min before it ended starts over at once.
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 300.0
+BACKOFF_RESET_AFTER = 600.0
 
 
 class Kind(StrEnum):
@@ -36,6 +42,9 @@ class Action:
     kind: Kind
     vm: str
     reason: str
+    problem: bool = False  # nothing to do now, but the VM is not as declared
+    retry_at: float | None = None  # when a backed-off restart falls due
+    after: ExitReason | None = None  # a start that restarts a VM after this exit
 
     @property
     def changes(self) -> bool:
@@ -47,19 +56,51 @@ def plan(
     observed: Mapping[str, ObservedVM],
     *,
     prune: bool = True,
+    now: float = 0.0,
 ) -> list[Action]:
     """One action per VM in desired or observed, terminations first, then by name.
 
-    `prune=False` (the manifests had errors) leaves undeclared VMs as they are.
+    `prune=False` (the manifests had errors) leaves undeclared VMs as they are;
+    `now` (wall clock seconds) times backed-off restarts.
     """
     actions = [
-        decide(desired.get(name), observed.get(name), name=name, prune=prune)
+        decide(desired.get(name), observed.get(name), name=name, prune=prune, now=now)
         for name in desired.keys() | observed.keys()
     ]
     return sorted(actions, key=lambda a: (_ORDER[a.kind], a.vm))
 
 
-def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool) -> Action:
+def backoff_delay(record: Record, ended_at: float) -> float:
+    """Seconds between an exit and the automatic restart that follows it."""
+    if ended_at - record.started_at >= BACKOFF_RESET_AFTER or record.backoff == 0:
+        return 0.0
+    return float(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (record.backoff - 1)))
+
+
+def describe(seen: ObservedVM, *, now: float) -> str:
+    """The state `reconcile status` shows, like vmctl's (pure).
+
+    An exited VM is judged by the restart policy it was started with.
+    """
+    if seen.status is Status.PAUSED:
+        return "paused"
+    if seen.status is Status.RUNNING:
+        return str(seen.ready or "running")
+    gone = seen.exit
+    if gone is None or gone.requested:
+        return "stopped"
+    policy = Restart(seen.record.spec.get("restart", Restart.ALWAYS))
+    if gone.reason is ExitReason.POWEROFF and policy is not Restart.ALWAYS:
+        return "stopped"
+    if gone.reason.failure and policy is Restart.NEVER:
+        return "exited"
+    if now < gone.at + backoff_delay(seen.record, gone.at):
+        return "crash-loop"
+    return "exited"
+
+
+def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
+           now: float = 0.0) -> Action:
     """The convergence table of DESIGN.md, one rung per row."""
     if vm is None:
         assert seen is not None
@@ -68,10 +109,7 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool) ->
     if seen is None or seen.status is Status.EXITED:
         if vm.state is State.STOPPED:
             return Action(Kind.NONE, name, "stopped as desired")
-        why = "not running" if seen is None else "process has exited"
-        if vm.state is State.PAUSED:
-            return Action(Kind.START, name, f"{why}; starting paused")
-        return Action(Kind.START, name, why)
+        return _start(vm, seen, now=now)
     # Declared stopped, but running or paused.
     if vm.state is State.STOPPED:
         return Action(Kind.TERMINATE, name, f"{seen.status} but declared stopped")
@@ -87,8 +125,38 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool) ->
         return Action(Kind.UNPAUSE, name, "paused but declared running")
     if vm.state is State.PAUSED and seen.status is Status.RUNNING:
         return Action(Kind.PAUSE, name, "running but declared paused")
+    if seen.ready is Readiness.UNREADY:
+        assert vm.ready is not None
+        return Action(Kind.NONE, name, (
+            f"not ready: no {vm.ready.serial!r} on the console within "
+            f"{vm.ready.timeout:g}s; console tail:\n{seen.console}"), problem=True)
     detail = f" ({seen.detail})" if seen.detail else ""
-    return Action(Kind.NONE, name, f"{vm.state} as desired{detail}")
+    ready = f", {seen.ready}" if seen.ready else ""
+    return Action(Kind.NONE, name, f"{vm.state} as desired{ready}{detail}")
+
+
+def _start(vm: VM, seen: ObservedVM | None, *, now: float) -> Action:
+    """Declared running or paused, not running: start, as the restart policy allows."""
+    name = vm.name
+    paused = "; starting paused" if vm.state is State.PAUSED else ""
+    gone = seen.exit if seen else None
+    # Never started, or stopped by us: declared running is reason enough.
+    if seen is None or gone is None or gone.requested:
+        return Action(Kind.START, name, f"not running{paused}")
+    # A guest reboot is an exit only to QEMU (-no-reboot): always start again.
+    if gone.reason is ExitReason.POWEROFF and vm.restart is not Restart.ALWAYS:
+        return Action(Kind.NONE, name,
+                      f"stopped by the guest ({gone.detail}); restart: {vm.restart}")
+    if gone.reason.failure and vm.restart is Restart.NEVER:
+        return Action(Kind.NONE, name, f"exited: {gone.detail}; restart: never", problem=True)
+    due = gone.at + backoff_delay(seen.record, gone.at)
+    if now < due:
+        return Action(Kind.NONE, name,
+                      f"crash-loop: {gone.detail}; restart {seen.record.restarts + 1} "
+                      f"in {due - now:.1f}s", problem=True, retry_at=due)
+    count = "reboot" if gone.reason is ExitReason.REBOOT else (
+        f"restart {seen.record.restarts + 1} (restart: {vm.restart})")
+    return Action(Kind.START, name, f"{gone.detail}; {count}{paused}", after=gone.reason)
 
 
 def _undeclared(seen: ObservedVM, *, prune: bool) -> Action:

@@ -11,9 +11,9 @@ from conftest import Run
 Reconcile = Callable[..., Run]
 
 
-def test_watch_mode_is_refused_with_a_usage_error(tmp_path: Path, reconcile: Reconcile) -> None:
-    run = reconcile(tmp_path)
-    assert run.code == 64 and "reconcile --once PATH" in run.err
+def test_wait_without_once_is_a_usage_error(tmp_path: Path, reconcile: Reconcile) -> None:
+    run = reconcile("--wait", tmp_path)
+    assert run.code == 64 and "--wait and --json go with --once" in run.err
 
 
 def test_bad_usage_exits_64_not_2(reconcile: Reconcile) -> None:
