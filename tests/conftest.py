@@ -117,3 +117,58 @@ def wait_for_serial(state_dir: Path, name: str, pattern: str = MARKER, *,
                     count: int = 1, timeout: float = 90) -> None:
     wait_for(lambda: len(re.findall(pattern, serial(state_dir, name))) >= count,
              timeout=timeout, what=f"{pattern!r} x{count} on vm {name}'s console")
+
+
+def status_rows(state_dir: Path) -> dict[str, dict[str, object]]:
+    """`reconcile status --json`, managed VMs by name."""
+    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
+    out = subprocess.run([sys.executable, "-m", "reconciler", "status", "--json"],
+                         capture_output=True, text=True, env=env, timeout=60).stdout
+    return {row["name"]: row for row in json.loads(out) if row["managed"]}
+
+
+def type_on_console(state_dir: Path, name: str, text: str) -> None:
+    """Type a line on a VM's serial console (its busybox shell reads it)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(state_dir / "vms" / name / "serial.sock"))
+        sock.sendall(text.encode())
+        time.sleep(0.2)
+
+
+class Daemon:
+    """`reconcile DIR` running in the background, as a host would run it."""
+
+    def __init__(self, manifests: Path, state_dir: Path, log: Path, *args: str) -> None:
+        env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
+        self.log = log
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", str(manifests), *args],
+            stdout=self._out, stderr=subprocess.STDOUT, env=env)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        code = self.proc.wait(timeout=60)
+        self._out.close()
+        return code
+
+
+@pytest.fixture
+def daemon(state_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons on a manifest dir; each is stopped (SIGTERM) at teardown."""
+    started: list[Daemon] = []
+
+    def start(manifests: Path, *args: str) -> Daemon:
+        d = Daemon(manifests, state_dir, tmp_path / "daemon.log", *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
