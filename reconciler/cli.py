@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # `reconcile status | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code)
 
 
@@ -192,7 +196,7 @@ def _status(args: argparse.Namespace) -> int:
         spec, record = vm.record.spec, vm.record
         rows.append({
             "name": name, "state": describe(vm, now=now),
-            "pid": record.pid if vm.status is not Status.EXITED else None,
+            "pid": record.pid if vm.status in (Status.RUNNING, Status.PAUSED) else None,
             "vcpus": spec.get("vcpus"), "memory": f"{spec.get('memory')}M",
             "accel": record.accel, "restarts": record.restarts, "reboots": record.reboots,
             "managed": True, "source": record.source,

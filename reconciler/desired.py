@@ -38,6 +38,7 @@ class State(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     PAUSED = "paused"
+    SAVED = "saved"  # memory and device state in a file, no process (vmd's send)
 
 
 class Restart(StrEnum):

@@ -218,11 +218,13 @@ def reap(pid: int) -> int | None:
 
 
 async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
-                remember: Callable[[Record], None], history: Mapping[str, int]) -> Record:
-    """Launch QEMU for vm and wait until QMP answers.
+                remember: Callable[[Record], None], history: Mapping[str, int],
+                restore_from: Path | None = None) -> Record:
+    """Launch QEMU for vm and wait until QMP answers (and a restore has loaded).
 
     `remember` gets the record as soon as the process exists, so a reconciler
     that dies right then still knows the VM; a QEMU that never answers is killed.
+    `restore_from`: a file written by `save()`, handed to QEMU as `-incoming fd:N`.
     """
     if len(str(paths.serial)) > MAX_SOCKET_PATH:
         raise LaunchError(
@@ -238,7 +240,16 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         serial_offset = 0
     accel = choose_accel(vm.accel)
     argv = qemu_argv(vm, paths, accel=accel, paused=paused)
-    pid = _spawn(argv, paths)
+    incoming = None
+    if restore_from is not None:
+        incoming = os.open(restore_from, os.O_RDONLY)
+        os.set_inheritable(incoming, True)
+        argv += ["-incoming", f"fd:{incoming}"]
+    try:
+        pid = _spawn(argv, paths)
+    finally:
+        if incoming is not None:
+            os.close(incoming)
     from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
     start_time = process_start_time(pid) or 0
@@ -260,9 +271,13 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             with attempt:
                 code = reap(pid)
                 if code is not None:
-                    raise LaunchError(f"vm '{vm.name}': QEMU exited during start", argv=argv,
+                    what = "restore" if restore_from else "start"
+                    raise LaunchError(f"vm '{vm.name}': QEMU exited during {what}", argv=argv,
                                       exit_code=code, output=_tail(paths.qemu_log))
-                await query_status(paths)
+                if await query_status(paths) == "inmigrate":
+                    raise ControlError("still loading its saved state")
+        if restore_from is not None and not paused:
+            await unpause(paths)  # saved stopped: a restore comes back paused
     except ControlError as err:
         _kill(pid)
         raise LaunchError(f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
@@ -333,16 +348,89 @@ async def _shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: floa
     if await _wait_exit(pidfd, 0):
         return "guest powered off"
     log.info("vm '%s': guest did not power off within %.0fs; quitting QEMU", name, timeout)
+    how = await _quit(record, paths, pidfd)
+    return f"quit after {timeout:.0f}s grace" if how == "quit" else how
+
+
+async def _quit(record: Record, paths: VMPaths, pidfd: int) -> str:
+    """QMP `quit`, then SIGKILL: "quit" or "killed"."""
     with contextlib.suppress(ControlError):
         await execute(paths, "quit")
     if await _wait_exit(pidfd, QUIT_TIMEOUT):
-        return f"quit after {timeout:.0f}s grace"
-    log.info("vm '%s': QEMU did not quit; killing it", name)
+        return "quit"
+    log.info("vm '%s': QEMU did not quit; killing it", record.name)
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     if await _wait_exit(pidfd, KILL_TIMEOUT):
         return "killed"
-    raise ControlError(f"vm '{name}': pid {record.pid} survived SIGKILL")
+    raise ControlError(f"vm '{record.name}': pid {record.pid} survived SIGKILL")
+
+
+# --- save (vmd's send) ----------------------------------------------------
+
+SAVE_POLL = 0.02
+
+
+async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float = 600.0
+               ) -> float:
+    """Write the VM's memory and device state to target, then end QEMU; the seconds taken.
+
+    The file goes to QEMU over the QMP socket (getfd), the guest is stopped and
+    migrated to `fd:`; target appears (atomically) only once complete. Disks are
+    not touched.
+    """
+    began = time.monotonic()
+    partial = target.with_name(f".{target.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        async with qmp(paths) as client:
+            try:
+                client.send_fd_scm(fd)
+                await client.execute("getfd", {"fdname": "saved-state"})
+                await client.execute("stop")
+                await client.execute("migrate", {"uri": "fd:saved-state"})
+                await _migration_done(client, timeout=timeout)
+            except ControlError:
+                raise
+            except Exception as err:
+                with contextlib.suppress(Exception):
+                    await client.execute("cont")
+                raise ControlError(f"vm '{record.name}': save failed: {err}") from err
+        os.fsync(fd)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(partial, target)
+    return time.monotonic() - began
+
+
+async def _migration_done(client: QMPClient, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await client.execute("query-migrate")
+        if not isinstance(info, dict):
+            raise ControlError(f"query-migrate answered {info!r}")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise ControlError(f"migration {status}: {info.get('error-desc', 'no reason')}")
+        await asyncio.sleep(SAVE_POLL)
+    raise ControlError(f"migration did not complete within {timeout:.0f}s")
+
+
+async def quit_qemu(record: Record, paths: VMPaths) -> str:
+    """End QEMU without asking the guest (after a save): QMP quit, then SIGKILL."""
+    if not is_alive(record):
+        return "process already gone"
+    pidfd = os.pidfd_open(record.pid)
+    try:
+        return await _quit(record, paths, pidfd)
+    finally:
+        os.close(pidfd)
+        reap(record.pid)
 
 
 def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:

@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from reconciler import desired as desired_mod
 from reconciler import kvm
 from reconciler.desired import VM, Declared, State
@@ -37,7 +39,7 @@ from reconciler.observed import (
     post_mortem,
     readiness,
 )
-from reconciler.plan import BACKOFF_RESET_AFTER, Action, Kind, plan
+from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, plan
 
 log = logging.getLogger("reconciler")
 
@@ -137,7 +139,7 @@ class _Applier:
 
     async def apply(self, actions: Iterable[Action]) -> list[Result]:
         actions = list(actions)
-        freeing = [a for a in actions if a.kind in (Kind.TERMINATE, Kind.FORGET)]
+        freeing = [a for a in actions if a.kind in FREEING]
         rest = [a for a in actions if a not in freeing]
         results = await asyncio.gather(*(self._one(a) for a in freeing))
         results += await asyncio.gather(*(self._one(a) for a in rest))
@@ -181,6 +183,38 @@ class _Applier:
         how = "started paused" if vm.state is State.PAUSED else "started"
         return f"{how} (pid {record.pid}, {record.accel})"
 
+    async def _save(self, action: Action) -> str:
+        """vmd's send: state to a file in the state dir, then the process ends."""
+        record = replace(self.seen[action.vm].record, stopping=True)
+        self.state.write(record)
+        paths = self.state.paths(action.vm)
+        seconds = await kvm.save(record, paths, paths.saved_state)
+        self.state.write(replace(record, saved=str(paths.saved_state)))
+        how = await kvm.quit_qemu(record, paths)
+        return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
+
+    async def _restore(self, action: Action) -> str:
+        """vmd's receive: start from the saved file; it is deleted only once loaded."""
+        decl, old = self.declared[action.vm], self.seen[action.vm].record
+        assert old.saved is not None
+        saved = Path(old.saved)
+        try:  # the hardware it was saved with; a later pass applies any change
+            hardware = VM.model_validate({**old.spec, **decl.vm.model_dump(
+                mode="json", include=set(VM.LIVE_FIELDS))})
+        except ValidationError as err:
+            raise kvm.DriverError(f"cannot restore from {saved}: the spec it was saved "
+                                  f"with is no longer valid: {err}") from err
+        began = time.monotonic()
+        record = await kvm.start(
+            hardware, self.state.paths(action.vm), source=str(decl.file),
+            paused=decl.vm.state is State.PAUSED, history=self._history(action),
+            remember=lambda new: self.state.write(replace(new, saved=old.saved)),
+            restore_from=saved,
+        )
+        self.state.write(replace(record, saved=None))
+        saved.unlink()
+        return f"restored from {saved} in {time.monotonic() - began:.2f}s (pid {record.pid})"
+
     def _history(self, action: Action) -> dict[str, int]:
         """Counters the new record carries over from the last run of the VM."""
         seen = self.seen.get(action.vm)
@@ -209,7 +243,12 @@ class _Applier:
         return "record removed"
 
     async def _restart(self, action: Action) -> str:
-        stopped = await self._terminate(action)
+        seen = self.seen[action.vm]
+        if seen.status is Status.SAVED and seen.record.saved:
+            Path(seen.record.saved).unlink(missing_ok=True)
+            stopped = f"saved state {seen.record.saved} discarded"
+        else:
+            stopped = await self._terminate(action)
         started = await self._start(action)
         return f"{stopped}; {started}"
 

@@ -39,6 +39,7 @@ class Status(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     EXITED = "exited"
+    SAVED = "saved"  # no process; its state waits in a file to be restored
 
 
 class ExitReason(StrEnum):
@@ -92,6 +93,7 @@ class Record:
     backoff: int = 0  # automatic restarts in a row without 10 min of running
     stopping: bool = False  # a stop was asked for (vmd's VM_STATE_SHUTDOWN)
     exit: Exit | None = None
+    saved: str | None = None  # the file its state was saved to, until restored
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -136,6 +138,10 @@ class VMPaths:
     @property
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
+
+    @property
+    def saved_state(self) -> Path:
+        return self.dir / "saved.state"
 
 
 class StateDir:
@@ -367,6 +373,8 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> 
     async def one(record: Record) -> ObservedVM:
         paths = state.paths(record.name)
         if not is_alive(record):
+            if record.saved and Path(record.saved).is_file():
+                return ObservedVM(record.name, Status.SAVED, record, f"saved to {record.saved}")
             gone = record.exit or post_mortem(record, paths)
             return ObservedVM(record.name, Status.EXITED, record, gone.detail, exit=gone)
         ready, console = readiness(record, paths, now=now)

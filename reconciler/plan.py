@@ -25,11 +25,17 @@ BACKOFF_RESET_AFTER = 600.0
 class Kind(StrEnum):
     NONE = "none"
     TERMINATE = "terminate"
+    SAVE = "save"
     FORGET = "forget"
     RESTART = "restart"
     PAUSE = "pause"
     UNPAUSE = "unpause"
+    RESTORE = "restore"
     START = "start"
+
+
+# Actions that end a VM's process: they run before the others.
+FREEING = frozenset({Kind.TERMINATE, Kind.SAVE, Kind.FORGET})
 
 
 # "Stop the tasks first, start later -- not vice versa": free resources first.
@@ -82,8 +88,8 @@ def describe(seen: ObservedVM, *, now: float) -> str:
 
     An exited VM is judged by the restart policy it was started with.
     """
-    if seen.status is Status.PAUSED:
-        return "paused"
+    if seen.status in (Status.PAUSED, Status.SAVED):
+        return str(seen.status)
     if seen.status is Status.RUNNING:
         return str(seen.ready or "running")
     gone = seen.exit
@@ -109,10 +115,27 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
     if seen is None or seen.status is Status.EXITED:
         if vm.state is State.STOPPED:
             return Action(Kind.NONE, name, "stopped as desired")
+        if vm.state is State.SAVED:
+            return Action(Kind.NONE, name, "not running: nothing to save")
         return _start(vm, seen, now=now)
-    # Declared stopped, but running or paused.
+    # Saved to a file: restored (with the hardware it was saved with) when declared
+    # running or paused, unless that hardware changed and must be restarted; else kept.
+    if seen.status is Status.SAVED:
+        changed = seen.record.spec_hash != vm.spec_hash()
+        if vm.state in (State.RUNNING, State.PAUSED):
+            if changed and vm.on_change is OnChange.RESTART:
+                summary = "; ".join(spec_changes(seen.record.spec, vm.hardware()))
+                return Action(Kind.RESTART, name, f"spec changed while saved: {summary}; "
+                                                  "the saved state is discarded")
+            return Action(Kind.RESTORE, name, f"saved but declared {vm.state}")
+        if vm.state is State.SAVED:
+            return Action(Kind.NONE, name, "saved as desired")
+        return Action(Kind.NONE, name, f"stopped; its saved state is kept ({seen.detail})")
+    # Declared stopped or saved, but running or paused.
     if vm.state is State.STOPPED:
         return Action(Kind.TERMINATE, name, f"{seen.status} but declared stopped")
+    if vm.state is State.SAVED:
+        return Action(Kind.SAVE, name, f"{seen.status} but declared saved")
     # Running or paused with other hardware than declared.
     changes = spec_changes(seen.record.spec, vm.hardware())
     if seen.record.spec_hash != vm.spec_hash():
@@ -162,6 +185,8 @@ def _start(vm: VM, seen: ObservedVM | None, *, now: float) -> Action:
 def _undeclared(seen: ObservedVM, *, prune: bool) -> Action:
     if not prune:
         return Action(Kind.NONE, seen.name, "not declared, left as it is: manifests have errors")
+    if seen.status is Status.SAVED:
+        return Action(Kind.FORGET, seen.name, "no longer declared; saved state dropped")
     if seen.status is Status.EXITED:
         return Action(Kind.FORGET, seen.name, "no longer declared; process already gone")
     return Action(Kind.TERMINATE, seen.name, "no longer declared")

@@ -56,7 +56,7 @@ def test_every_error_of_every_file_is_reported_at_once(tree: Path) -> None:
     ))
     b = write(tree, "b.yml", "name: c\nvcpus: 0\nboot: {kernel: vmlinuz}\n")
     assert messages(tree) == [
-        f"{a}:5: vm 'b': state must be one of 'running', 'stopped' or 'paused' (got 'runing')",
+        f"{a}:5: vm 'b': state must be one of 'running', 'stopped', 'paused' or 'saved' (got 'runing')",
         f"{a}:6: vm 'b': memory must be at least 16M (got 8)",
         f"{a}:8: vm 'b': boot.kernel: file not found: {tree / 'missing'}",
         f"{b}:2: vm 'c': vcpus must be at least 1 (got 0)",

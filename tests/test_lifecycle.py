@@ -4,6 +4,7 @@ readiness. The daemon (`reconcile DIR`) notices exits through pidfds, not by pol
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,35 @@ def test_a_ready_pattern_that_never_shows_fails_with_the_console_tail(
     again = reconcile("--once", manifests)
     assert again.code == 1 and "not ready" in again.out
     assert status_rows(state_dir)["solo"]["state"] == "unready"
+
+
+def test_saved_then_running_resumes_the_same_boot(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile
+) -> None:
+    manifests = one_vm(tmp_path, guest, cmdline="rg.bootid=1", memory="256M")
+    reconcile("--once", manifests, check=0)
+    wait_for_serial(state_dir, "solo")
+    boot_id = re.search(r"boot-id (\w+)", serial(state_dir, "solo"))
+    assert boot_id is not None
+    path = manifests / "solo.yaml"
+    running = path.read_text()
+    old_pid = pid_of(state_dir, "solo")
+
+    path.write_text(running + "state: saved\n")
+    saved = reconcile("--once", manifests, check=0)
+    assert "changed  running but declared saved: saved to " in saved.out
+    state_file = state_dir / "vms" / "solo" / "saved.state"
+    assert state_file.stat().st_size > 0 and not alive(old_pid)
+    assert status_rows(state_dir)["solo"]["state"] == "saved"
+    assert "saved as desired" in reconcile("--once", manifests, check=0).out
+
+    path.write_text(running)
+    restored = reconcile("--once", manifests, check=0)
+    assert "changed  saved but declared running: restored from " in restored.out
+    assert not state_file.exists()
+    assert status_rows(state_dir)["solo"]["state"] == "running"
+    type_on_console(state_dir, "solo", "\necho alive-$((40+2))\n")
+    wait_for_serial(state_dir, "solo", "alive-42", timeout=20)
+    console = serial(state_dir, "solo")
+    assert re.findall(r"boot-id (\w+)", console) == [boot_id[1]]  # no new boot
+    assert console.count(MARKER) == 1

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from reconciler.desired import VM, OnChange, State
 from reconciler.observed import ObservedVM, Record, Status
-from reconciler.plan import Action, Kind, plan, spec_changes
+from reconciler.plan import FREEING, Action, Kind, plan, spec_changes
 
 KERNEL = Path(tempfile.mkdtemp(prefix="reconciler-plan-")) / "vmlinuz"
 KERNEL.write_bytes(b"kernel")
@@ -141,6 +141,12 @@ def apply_fake(desired: Mapping[str, VM], world: dict[str, ObservedVM],
             world[name] = seen(spec, Status.EXITED)
         elif action.kind in (Kind.TERMINATE, Kind.FORGET):
             del world[name]
+        elif action.kind is Kind.SAVE:
+            world[name] = ObservedVM(name, Status.SAVED, world[name].record)
+        elif action.kind is Kind.RESTORE:
+            assert spec is not None
+            status = Status.PAUSED if spec.state is State.PAUSED else Status.RUNNING
+            world[name] = ObservedVM(name, status, world[name].record)
         elif action.kind is Kind.PAUSE:
             world[name] = ObservedVM(name, Status.PAUSED, world[name].record)
         elif action.kind is Kind.UNPAUSE:
@@ -150,7 +156,7 @@ def apply_fake(desired: Mapping[str, VM], world: dict[str, ObservedVM],
 
 def converged(desired: Mapping[str, VM]) -> dict[str, ObservedVM]:
     status = {State.RUNNING: Status.RUNNING, State.PAUSED: Status.PAUSED,
-              State.STOPPED: Status.EXITED}
+              State.STOPPED: Status.EXITED, State.SAVED: Status.SAVED}
     return {n: seen(v, status[v.state]) for n, v in desired.items()}
 
 
@@ -181,6 +187,26 @@ def test_a_plan_has_one_action_per_vm_and_never_starts_and_terminates_one(
         assert not any(a.kind in (Kind.TERMINATE, Kind.FORGET) and a.vm not in desired
                        for a in actions)
     kinds = [a.kind for a in actions]
-    last_free = max((i for i, k in enumerate(kinds) if k in (Kind.TERMINATE, Kind.FORGET)),
-                    default=-1)
-    assert all(i > last_free for i, k in enumerate(kinds) if k is Kind.START)
+    last_free = max((i for i, k in enumerate(kinds) if k in FREEING), default=-1)
+    assert all(i > last_free for i, k in enumerate(kinds) if k in (Kind.START, Kind.RESTORE))
+
+
+def test_save_and_restore_rows() -> None:
+    saved = seen(vm(), Status.SAVED)
+    assert one(vm(state="saved"), seen(vm())).kind is Kind.SAVE
+    assert one(vm(state="saved"), seen(vm(), Status.PAUSED)).kind is Kind.SAVE
+    assert one(vm(state="saved"), saved) == Action(Kind.NONE, "web", "saved as desired")
+    assert one(vm(), saved) == Action(Kind.RESTORE, "web", "saved but declared running")
+    assert one(vm(state="paused"), saved).kind is Kind.RESTORE
+    assert one(vm(state="stopped"), saved).kind is Kind.NONE  # the saved state is kept
+    assert one(vm(state="saved"), None) == Action(
+        Kind.NONE, "web", "not running: nothing to save")
+    assert one(None, saved).kind is Kind.FORGET
+
+
+def test_a_spec_change_while_saved_restarts_afresh_or_with_defer_restores() -> None:
+    saved = seen(vm(), Status.SAVED)
+    restart = one(vm(memory="512M"), saved)
+    assert restart == Action(Kind.RESTART, "web", "spec changed while saved: memory: 256 -> "
+                             "512; the saved state is discarded")
+    assert one(vm(memory="512M", on_change="defer"), saved).kind is Kind.RESTORE
