@@ -34,7 +34,7 @@ fi
 guest/build.sh
 
 if [ "$run_example" = 1 ]; then
-    echo "setup: reconcile --once examples/"
-    .venv/bin/reconcile --once examples/
+    echo "setup: reconcile --once --wait examples/"
+    .venv/bin/reconcile --once --wait examples/
     echo "setup: done. See them with: .venv/bin/reconcile status"
 fi

@@ -51,16 +51,17 @@ def two_vms(tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile) 
 def test_the_example_starts_real_vms_and_a_second_run_changes_nothing(
     guest: Path, state_dir: Path, reconcile: Reconcile
 ) -> None:
-    first = reconcile("--once", REPO / "examples", check=0)
+    first = reconcile("--once", "--wait", REPO / "examples", check=0)  # as ./setup.sh does
     assert set(lines_by_vm(first)) == {"web-1", "db-1"}
-    assert all(v.startswith("changed") for v in lines_by_vm(first).values()), first
+    assert all(v.startswith("changed") and "; ready after" in v
+               for v in lines_by_vm(first).values()), first
     for name in ("web-1", "db-1"):
         wait_for_serial(state_dir, name)
     pids = {name: pid_of(state_dir, name) for name in ("web-1", "db-1")}
 
     second = reconcile("--once", REPO / "examples", check=0)
-    assert lines_by_vm(second) == {
-        "web-1": "ok       running as desired", "db-1": "ok       running as desired"}
+    assert lines_by_vm(second) == {"web-1": "ok       running as desired, ready",
+                                   "db-1": "ok       running as desired, ready"}
     assert "recap: 2 ok, 0 changed, 0 pending, 0 failed" in second.out
     reconcile("--once", "--check", REPO / "examples", check=0)
     assert {name: pid_of(state_dir, name) for name in pids} == pids
@@ -68,7 +69,7 @@ def test_the_example_starts_real_vms_and_a_second_run_changes_nothing(
     status = json.loads(reconcile("status", "--json", check=0).out)
     managed = {row["name"]: row for row in status if row["managed"]}
     assert {n: (r["state"], r["pid"]) for n, r in managed.items()} == {
-        n: ("running", pid) for n, pid in pids.items()}
+        n: ("ready", pid) for n, pid in pids.items()}
 
 
 def test_a_memory_change_restarts_that_vm_only(
