@@ -346,12 +346,18 @@ class Watch:
         try:
             while not self.stopping.is_set():
                 self.wake.clear()
-                report = await reconcile_once(self.manifests, self.state,
-                                              parallel=self.parallel)
+                retry_at = None
+                try:
+                    report = await reconcile_once(self.manifests, self.state,
+                                                  parallel=self.parallel)
+                    retry_at = report.retry_at
+                    self.on_report(report)
+                except Exception as err:  # one bad pass must not end the daemon
+                    log.error("pass failed: %s: %s", type(err).__name__, err)
+                    log.debug("pass failed", exc_info=True)
                 self.passes += 1
-                self.on_report(report)
                 self._watch_exits()
-                await self._sleep(report.retry_at)
+                await self._sleep(retry_at)
         finally:
             for pid in list(self._pidfds):
                 self._unwatch(pid)
@@ -373,6 +379,9 @@ class Watch:
         live = {r.pid: r for r in records.values() if is_alive(r)}
         for pid in set(self._pidfds) - set(live):
             self._unwatch(pid)
+        for record in records.values():  # ended before a watcher was set up
+            if record.pid not in live and record.exit is None and not record.saved:
+                self._record_exit(record.name, record.pid, at=None)
         loop = asyncio.get_running_loop()
         for pid, record in live.items():
             if pid in self._pidfds:
@@ -391,13 +400,20 @@ class Watch:
             os.close(pidfd)
 
     def _exited(self, name: str, pid: int) -> None:
-        """vmd's vmm_sighdlr: reap, record why the VM ended, wake the loop."""
+        """vmd's vmm_sighdlr: an exit wakes the loop at once."""
         self._unwatch(pid)
+        self._record_exit(name, pid, at=time.time())
+
+    def _record_exit(self, name: str, pid: int, *, at: float | None) -> None:
+        """Reap the process (when ours), record why the VM ended, wake the loop.
+
+        `at=None`: it ended unseen; its files tell when.
+        """
         status = kvm.reap(pid)
         records, _ = self.state.records()
         record = records.get(name)
         if record is not None and record.pid == pid and record.exit is None:
-            gone = post_mortem(record, self.state.paths(name), status=status, at=time.time())
+            gone = post_mortem(record, self.state.paths(name), status=status, at=at)
             self.state.write(replace(record, exit=gone))
             log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
         self.wake.set()
