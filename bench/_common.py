@@ -1,11 +1,12 @@
 """Helpers shared by the benchmark scripts in bench/ (stdlib only).
 
-Not a benchmark itself: `start_overhead.py` and `noop.py` import it (they put
-bench/ on sys.path by being run as scripts from it).
+Not a benchmark itself: the scripts next to it import it (they put bench/ on
+sys.path by being run as scripts from it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / "guest" / "out"
@@ -140,6 +141,27 @@ def exit_on_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A VM's record.json as a dict; None while it does not exist (yet).
+
+    The reconciler writes records atomically (temp file + rename), so a read
+    never sees half a file.
+    """
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+
+
+def file_tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log file, indented for an error message ('' if none)."""
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return "\n  ".join(text.splitlines()[-lines:])
 
 
 # --- processes ------------------------------------------------------------

@@ -237,10 +237,6 @@ def _down(args: argparse.Namespace) -> int:
     return 1 if any(o.startswith("failed") for _, o in results) else 0
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _console(args: argparse.Namespace) -> int:
     from reconciler import console
 
@@ -279,3 +275,7 @@ def _watch(args: argparse.Namespace) -> int:
     with state.locked():
         asyncio.run(run())
     return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -357,6 +357,8 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
         advice = f"did you mean '{hint[0]}'?" if hint else f"known fields: {', '.join(known)}"
         return f"unknown field '{where}' ({advice})"
+    if kind == "string_type":
+        return f"{where} must be a string, but YAML read {value!r}: put the value in quotes"
     if kind == "missing":
         return f"{where} is required"
     if kind == "enum":

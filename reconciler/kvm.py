@@ -264,7 +264,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         remember(record)
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(LAUNCH_TIMEOUT),
-            wait=wait_exponential(multiplier=0.002, max=0.1),
+            wait=wait_exponential(multiplier=0.002, max=0.02),
             retry=retry_if_exception_type(ControlError),
             reraise=True,
         ):
@@ -369,6 +369,7 @@ async def _quit(record: Record, paths: VMPaths, pidfd: int) -> str:
 # --- save (vmd's send) ----------------------------------------------------
 
 SAVE_POLL = 0.02
+SAVE_BANDWIDTH = 100 * 1024**3  # bytes/s: no cap
 
 
 async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float = 600.0
@@ -387,6 +388,10 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
             try:
                 client.send_fd_scm(fd)
                 await client.execute("getfd", {"fdname": "saved-state"})
+                # QEMU's default cap (128 MiB/s) is for live links; a stopped guest
+                # going to a local file is only bounded by the disk.
+                await client.execute("migrate-set-parameters",
+                                     {"max-bandwidth": SAVE_BANDWIDTH})
                 await client.execute("stop")
                 await client.execute("migrate", {"uri": "fd:saved-state"})
                 await _migration_done(client, timeout=timeout)

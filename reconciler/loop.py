@@ -188,7 +188,11 @@ class _Applier:
         record = replace(self.seen[action.vm].record, stopping=True)
         self.state.write(record)
         paths = self.state.paths(action.vm)
-        seconds = await kvm.save(record, paths, paths.saved_state)
+        try:
+            seconds = await kvm.save(record, paths, paths.saved_state)
+        except BaseException:  # the guest goes on: a later exit is not a stop of ours
+            self.state.write(replace(record, stopping=False))
+            raise
         self.state.write(replace(record, saved=str(paths.saved_state)))
         how = await kvm.quit_qemu(record, paths)
         return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"

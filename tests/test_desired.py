@@ -56,7 +56,8 @@ def test_every_error_of_every_file_is_reported_at_once(tree: Path) -> None:
     ))
     b = write(tree, "b.yml", "name: c\nvcpus: 0\nboot: {kernel: vmlinuz}\n")
     assert messages(tree) == [
-        f"{a}:5: vm 'b': state must be one of 'running', 'stopped', 'paused' or 'saved' (got 'runing')",
+        f"{a}:5: vm 'b': state must be one of 'running', 'stopped', 'paused' or 'saved' "
+        "(got 'runing')",
         f"{a}:6: vm 'b': memory must be at least 16M (got 8)",
         f"{a}:8: vm 'b': boot.kernel: file not found: {tree / 'missing'}",
         f"{b}:2: vm 'c': vcpus must be at least 1 (got 0)",
@@ -145,3 +146,9 @@ def test_the_spec_hash_changes_with_hardware_only(tree: Path) -> None:
     other = base.model_copy(update={"memory": 512})
     assert same.spec_hash() == base.spec_hash()
     assert other.spec_hash() != base.spec_hash()
+
+
+def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it(tree: Path) -> None:
+    path = write(tree, "vms.yaml", "name: off\nboot: {kernel: vmlinuz}\n")
+    assert messages(tree) == [
+        f"{path}:1: name must be a string, but YAML read False: put the value in quotes"]
