@@ -56,6 +56,12 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
                         help="daemon: converge at least this often (default 30)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="daemon: serve Prometheus metrics there")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="daemon: log lines as text or JSON objects (for log shippers)")
+    parser.add_argument("--stop-vms-on-exit", action="store_true",
+                        help="daemon: terminate every VM on SIGTERM/SIGINT (vmm_shutdown)")
     parser.add_argument("--parallel", type=int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
     _common(parser)
@@ -112,16 +118,30 @@ def _dispatch(argv: list[str]) -> int:
         return _once(args)
     if args.wait or args.json:
         _Parser(prog="reconcile").error("--wait and --json go with --once")
-    _logging(True)
+    _logging(True, json_lines=args.log_format == "json")
     return _watch(args)
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class _JSONFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                "level": record.levelname.lower(), "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _logging(verbose: bool, *, json_lines: bool = False) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JSONFormatter() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        handlers=[handler])
     logging.getLogger("qemu").setLevel(logging.CRITICAL)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def _state(args: argparse.Namespace) -> StateDir:
@@ -245,21 +265,32 @@ def _console(args: argparse.Namespace) -> int:
 
 def _watch(args: argparse.Namespace) -> int:
     import signal
+    import time
 
-    from reconciler.loop import Report, Watch
+    from reconciler.loop import Outcome, Report, Watch, down
+    from reconciler.plan import Kind
 
     state = _state(args)
     log = logging.getLogger("reconciler")
+    metrics = None
+    if args.metrics:
+        from reconciler.metrics import Metrics
+
+        metrics = Metrics()
     errors_seen: list[str] = []
 
-    def on_report(report: Report) -> None:
+    def on_report(report: Report, seconds: float) -> None:
         if report.errors != errors_seen:  # once per change, not on every pass
             errors_seen[:] = report.errors
             for error in report.errors:
                 log.error("%s", error)
+            if not report.errors:
+                log.info("manifests are valid again")
         for result in report.results:
-            if result.outcome.value == "failed" and result.action.value == "none":
+            if result.outcome is Outcome.FAILED and result.action is Kind.NONE:
                 log.warning("vm '%s': %s", result.vm, result.reason)
+        if metrics is not None:
+            metrics.observe(report, seconds)
 
     async def run() -> None:
         watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
@@ -267,15 +298,28 @@ def _watch(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, watch.stop)
-        log.info("watching %s (state dir %s); VMs keep running when this exits",
-                 args.path, state.root)
+        loop.add_signal_handler(signal.SIGHUP, watch.poke, "SIGHUP")
+        log.info("watching %s (state dir %s, pid %d)", args.path, state.root, os.getpid())
         await watch.run()
-        log.info("stopped after %d passes; VMs left running", watch.passes)
+        if args.stop_vms_on_exit:
+            for name, outcome in await down(state):
+                log.info("vm '%s': %s", name, outcome)
+            log.info("stopped after %d passes; VMs terminated", watch.passes)
+        else:
+            log.info("stopped after %d passes; VMs left running", watch.passes)
 
     with state.locked():
+        if metrics is not None:
+            try:
+                metrics.serve(args.metrics)
+            except (OSError, ValueError) as err:
+                print(f"reconcile: cannot serve metrics on {args.metrics}: {err}",
+                      file=sys.stderr)
+                return 1
+        started = time.monotonic()
         asyncio.run(run())
+        log.debug("ran for %.0fs", time.monotonic() - started)
     return 0
-
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from reconciler import desired as desired_mod
 from reconciler import kvm
 from reconciler.desired import VM, Declared, State
+from reconciler.notify import notify, watchdog_interval
 from reconciler.observed import (
     ExitReason,
     ObservedVM,
@@ -39,7 +40,7 @@ from reconciler.observed import (
     post_mortem,
     readiness,
 )
-from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, plan
+from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
 
 log = logging.getLogger("reconciler")
 
@@ -64,6 +65,7 @@ class Result:
     action: Kind
     reason: str
     detail: str = ""
+    after: str | None = None  # the exit an automatic restart follows
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Report:
     results: list[Result] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     retry_at: float | None = None  # the earliest backed-off restart
+    states: dict[str, str] = field(default_factory=dict)  # each VM's state after the pass
 
     def count(self, outcome: Outcome) -> int:
         return sum(r.outcome is outcome for r in self.results)
@@ -121,12 +124,27 @@ async def reconcile_once(
     report.results = await applier.apply(actions)
     if wait:
         report.results = await _wait_ready(state, report.results)
+    report.states = _states_after(report.results, loaded.vms, seen, now=now)
     return report
 
 
 def _unapplied(action: Action, outcome: Outcome) -> Result:
     return Result(action.vm, Outcome.FAILED if action.problem else outcome, action.kind,
                   action.reason)
+
+
+def _states_after(results: Iterable[Result], declared: dict[str, Declared],
+                  seen: dict[str, ObservedVM], *, now: float) -> dict[str, str]:
+    """Each VM's state once the pass is done: declared where it changed, else as seen."""
+    states = {}
+    for result in results:
+        if result.outcome is Outcome.CHANGED:
+            if result.vm in declared:
+                wanted = declared[result.vm].vm.state
+                states[result.vm] = "stopped" if wanted is State.STOPPED else str(wanted)
+        elif result.vm in seen:
+            states[result.vm] = describe(seen[result.vm], now=now)
+    return states
 
 
 class _Applier:
@@ -161,7 +179,8 @@ class _Applier:
             detail = f"internal error: {type(err).__name__}: {err}"
             return Result(action.vm, Outcome.FAILED, action.kind, action.reason, detail)
         log.info("vm '%s': %s (%s): %s", action.vm, action.kind, action.reason, detail)
-        return Result(action.vm, Outcome.CHANGED, action.kind, action.reason, detail)
+        return Result(action.vm, Outcome.CHANGED, action.kind, action.reason, detail,
+                      after=action.after)
 
     def _refresh(self, name: str) -> None:
         """Keep a running VM's record in step with the fields it follows live."""
@@ -330,39 +349,41 @@ async def down(state: StateDir) -> list[tuple[str, str]]:
 
 
 class Watch:
-    """The daemon: a pass on every VM exit, due restart and resync tick.
+    """The daemon: a pass on every manifest change, VM exit, due restart and resync tick.
 
-    VMs are never stopped when it exits: the next run adopts them.
+    Wake-ups that arrive during a pass are merged into one following pass. VMs are
+    never stopped when it exits: the next run adopts them.
     """
 
     def __init__(self, manifests: Path, state: StateDir, *, resync: float = 30.0,
                  parallel: int = DEFAULT_PARALLEL,
-                 on_report: Callable[[Report], None] | None = None) -> None:
+                 on_report: Callable[[Report, float], None] | None = None) -> None:
         self.manifests, self.state = manifests, state
         self.resync, self.parallel = resync, parallel
-        self.on_report = on_report or (lambda report: None)
+        self.on_report = on_report or (lambda report, seconds: None)
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.passes = 0
+        self.retry_at: float | None = None  # when the next backed-off restart is due
         self._pidfds: dict[int, int] = {}  # pid -> pidfd of every live VM
 
     async def run(self) -> None:
+        helpers = [asyncio.create_task(self._watch_manifests())]
+        if (interval := watchdog_interval()) is not None:
+            helpers.append(asyncio.create_task(self._watchdog(interval)))
         try:
             while not self.stopping.is_set():
                 self.wake.clear()
-                retry_at = None
-                try:
-                    report = await reconcile_once(self.manifests, self.state,
-                                                  parallel=self.parallel)
-                    retry_at = report.retry_at
-                    self.on_report(report)
-                except Exception as err:  # one bad pass must not end the daemon
-                    log.error("pass failed: %s: %s", type(err).__name__, err)
-                    log.debug("pass failed", exc_info=True)
-                self.passes += 1
+                await self._pass()
+                if self.passes == 1:
+                    notify("READY=1", f"STATUS=watching {self.manifests}")
                 self._watch_exits()
-                await self._sleep(retry_at)
+                await self._sleep()
         finally:
+            notify("STOPPING=1")
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             for pid in list(self._pidfds):
                 self._unwatch(pid)
 
@@ -370,12 +391,54 @@ class Watch:
         self.stopping.set()
         self.wake.set()
 
-    async def _sleep(self, retry_at: float | None) -> None:
+    def poke(self, why: str) -> None:
+        """Run a pass now (SIGHUP: re-read everything)."""
+        log.info("%s: reconciling now", why)
+        self.wake.set()
+
+    async def _pass(self) -> None:
+        began = time.monotonic()
+        self.retry_at = None
+        try:
+            report = await reconcile_once(self.manifests, self.state, parallel=self.parallel)
+        except Exception as err:  # one bad pass must not end the daemon
+            log.error("pass failed: %s: %s", type(err).__name__, err)
+            log.debug("pass failed", exc_info=True)
+        else:
+            self.retry_at = report.retry_at
+            self.on_report(report, time.monotonic() - began)
+        self.passes += 1
+
+    async def _sleep(self) -> None:
         timeout = self.resync
-        if retry_at is not None:
-            timeout = min(timeout, max(0.0, retry_at - time.time()))
+        if self.retry_at is not None:
+            timeout = min(timeout, max(0.0, self.retry_at - time.time()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def _watch_manifests(self) -> None:
+        """watchfiles on the manifest directory: a (debounced) change wakes the loop."""
+        from watchfiles import awatch
+
+        root = self.manifests if self.manifests.is_dir() else self.manifests.parent
+        while not self.stopping.is_set():
+            try:
+                async for changes in awatch(
+                    root, watch_filter=ManifestFilter(self.manifests),
+                    debounce=DEBOUNCE_MS, step=STEP_MS, stop_event=self.stopping,
+                ):
+                    names = sorted({os.path.relpath(path, root) for _, path in changes})
+                    log.info("manifests changed: %s", ", ".join(names))
+                    self.wake.set()
+            except OSError as err:  # not there (yet): the resync keeps looking
+                log.error("cannot watch %s: %s", root, err)
+                await asyncio.sleep(self.resync)
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 while the event loop is alive (a hung loop misses it)."""
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def _watch_exits(self) -> None:
         """A pidfd per live VM: its exit wakes the loop at once, no polling."""
@@ -421,3 +484,29 @@ class Watch:
             self.state.write(replace(record, exit=gone))
             log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
         self.wake.set()
+
+
+# Manifest changes are grouped for up to DEBOUNCE_MS, and yielded STEP_MS after the last.
+DEBOUNCE_MS = 100
+STEP_MS = 20
+
+
+class ManifestFilter:
+    """Only manifest files count: not .git/, editor swap and backup files, other files."""
+
+    def __init__(self, manifests: Path) -> None:
+        from watchfiles import DefaultFilter
+
+        self.default = DefaultFilter()
+        self.root = manifests if manifests.is_dir() else manifests.parent
+        self.only = None if manifests.is_dir() else manifests.name
+
+    def __call__(self, change: Any, path: str) -> bool:
+        if not self.default(change, path):
+            return False
+        rel = Path(os.path.relpath(path, self.root))
+        if any(part.startswith(".") for part in rel.parts):
+            return False
+        if self.only is not None:
+            return rel.name == self.only
+        return rel.suffix in desired_mod.MANIFEST_SUFFIXES
