@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -100,31 +101,138 @@ MiB = Annotated[int, BeforeValidator(parse_mebibytes)]
 Seconds = Annotated[float, BeforeValidator(parse_seconds)]
 
 
-def _resolve_file(value: Path, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the manifest file; the file must exist."""
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the manifest file."""
     base = (info.context or {}).get("base_dir")
     path = value.expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    path = Path(os.path.normpath(path.absolute()))  # lexically: symlinks stay as written
+    return Path(os.path.normpath(path.absolute()))  # lexically: symlinks stay as written
+
+
+def _resolve_file(value: Path, info: ValidationInfo) -> Path:
+    """A path (relative to the manifest file) to a file that must exist."""
+    path = _resolve_path(value, info)
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
     return path
 
 
 class Boot(BaseModel):
-    """Direct kernel boot: QEMU's -kernel, -initrd and -append."""
+    """Direct kernel boot (QEMU's -kernel, -initrd, -append) or firmware boot from a device."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel: Path
+    kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
+    device: Literal["disk", "cdrom"] | None = None
 
     @field_validator("kernel", "initrd")
     @classmethod
     def _exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else _resolve_file(value, info)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Boot:
+        if (self.kernel is None) == (self.device is None):
+            raise ValueError("give either kernel: (direct boot) or device: disk|cdrom "
+                             "(firmware boot)")
+        if self.device is not None and (self.initrd is not None or self.cmdline):
+            raise ValueError("initrd: and cmdline: go with kernel:, not with device:")
+        return self
+
+
+class DiskFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+class Disk(BaseModel):
+    """A disk image: created when missing (size:, or an overlay on base:), never deleted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    format: DiskFormat = DiskFormat.QCOW2
+    size: MiB | None = Field(None, ge=1)
+    base: Path | None = None
+    base_format: DiskFormat = DiskFormat.QCOW2
+    readonly: bool = False
+    bus: Literal["virtio", "ide"] = "virtio"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.parent.is_dir():
+            raise ValueError(f"directory not found: {path.parent}")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"not a regular file: {path}")
+        return path
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve_file(value, info)
+
+    @model_validator(mode="after")
+    def _creatable(self) -> Disk:
+        if self.base is not None and self.format is not DiskFormat.QCOW2:
+            raise ValueError("an overlay on base: must be format: qcow2")
+        if not self.path.exists():
+            if self.readonly:
+                raise ValueError(f"{self.path} does not exist, and a readonly disk is not "
+                                 "created")
+            if self.size is None and self.base is None:
+                raise ValueError(f"{self.path} does not exist: give size: to create it, "
+                                 "or base: to create an overlay")
+        return self
+
+
+MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
+
+
+class Interface(BaseModel):
+    """A NIC on a switch: a tap device on the switch's bridge (vmd's opentap)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    switch: str = Field(pattern=NAME_PATTERN)
+    mac: str | None = Field(None, pattern=MAC_PATTERN)
+
+    @field_validator("mac", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("mac")
+    @classmethod
+    def _unicast(cls, value: str | None) -> str | None:
+        if value is not None and int(value[:2], 16) & 1:
+            raise ValueError(f"{value} is a multicast address; use a unicast one "
+                             "such as 52:54:00:12:34:56")
+        return value
+
+
+class Switch(BaseModel):
+    """One `kind: Switch` document: a Linux bridge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["Switch"]
+    name: str = Field(pattern=NAME_PATTERN)
+    bridge: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,15})?$")
+
+    @model_validator(mode="after")
+    def _bridge(self) -> Switch:
+        if not self.bridge:
+            default = f"br-{self.name}"
+            if len(default) > 15:
+                raise ValueError(f"bridge name {default!r} would be over 15 characters; "
+                                 "give bridge: explicitly")
+            object.__setattr__(self, "bridge", default)
+        return self
 
 
 class Ready(BaseModel):
@@ -159,6 +267,9 @@ class VM(BaseModel):
     vcpus: int = Field(1, ge=1, le=255)
     accel: Accel = Accel.AUTO
     boot: Boot
+    disks: list[Disk] = Field(default_factory=list)
+    cdrom: Path | None = None
+    interfaces: list[Interface] = Field(default_factory=list, max_length=8)
     stop_timeout: Seconds = Field(30.0, ge=0, le=3600)
     ready: Ready | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -168,6 +279,22 @@ class VM(BaseModel):
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels"}
     )
+
+    @field_validator("cdrom")
+    @classmethod
+    def _cdrom(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve_file(value, info)
+
+    @model_validator(mode="after")
+    def _boot_device(self) -> VM:
+        if self.boot.device == "disk" and not self.disks:
+            raise ValueError("boot: {device: disk} needs a disk in disks:")
+        if self.boot.device == "cdrom" and self.cdrom is None:
+            raise ValueError("boot: {device: cdrom} needs cdrom:")
+        return self
+
+    def writable_disks(self) -> list[Path]:
+        return [d.path for d in self.disks if not d.readonly]
 
     def hardware(self) -> dict[str, Any]:
         """The part of the spec that QEMU was started with (JSON-ready)."""
@@ -185,6 +312,16 @@ class Declared:
     vm: VM
     file: Path
     line: int
+    node: yaml.Node | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class DeclaredSwitch:
+    """A valid Switch document and where it was written."""
+
+    switch: Switch
+    file: Path
+    line: int
 
 
 @dataclass(frozen=True)
@@ -192,11 +329,12 @@ class ManifestError:
     file: Path
     line: int
     message: str
-    vm: str | None = None
+    vm: str | None = None  # the name of the object at fault, when it has one
+    kind: str = "vm"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}"
-        who = f"vm '{self.vm}': " if self.vm else ""
+        who = f"{self.kind} '{self.vm}': " if self.vm else ""
         return f"{where}: {who}{self.message}"
 
 
@@ -205,6 +343,7 @@ class Manifests:
     """Everything a manifest directory declares, and what is wrong with it."""
 
     vms: dict[str, Declared] = field(default_factory=dict)
+    switches: dict[str, DeclaredSwitch] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
@@ -234,36 +373,58 @@ def load(root: Path) -> Manifests:
         result.errors.append(ManifestError(root, 0, "no such file or directory"))
         return result
     result.files = manifest_files(root)
-    first_seen: dict[str, Declared] = {}
+    vms: dict[str, Declared] = {}
+    switches: dict[str, DeclaredSwitch] = {}
     for path in result.files:
         for item in _load_file(path):
             if isinstance(item, ManifestError):
                 result.errors.append(item)
-                continue
-            name = item.vm.name
-            if name in first_seen:
-                other = first_seen[name]
-                result.errors.append(ManifestError(
-                    item.file, item.line,
-                    f"name already declared at {other.file}:{other.line}; "
-                    "VM names must be unique across the directory",
-                    vm=name,
-                ))
-                result.errors.append(ManifestError(
-                    other.file, other.line,
-                    f"name declared again at {item.file}:{item.line}",
-                    vm=name,
-                ))
-                continue
-            first_seen[name] = item
-    result.errors.sort(key=lambda e: (str(e.file), e.line))
-    broken = result.broken_files
+            elif isinstance(item, Declared):
+                _add_unique(vms, item.vm.name, item, result.errors, kind="vm")
+            else:
+                _add_unique(switches, item.switch.name, item, result.errors, kind="switch")
     # A file with any error contributes nothing: its VMs stay exactly as they are.
-    result.vms = {n: d for n, d in first_seen.items() if d.file not in broken}
+    # A VM whose switch is missing (or in a broken file) breaks its own file in turn.
+    while True:
+        broken = result.broken_files
+        result.vms = {n: d for n, d in vms.items() if d.file not in broken}
+        result.switches = {n: d for n, d in switches.items() if d.file not in broken}
+        missing = list(_unknown_switches(result))
+        if not missing:
+            break
+        result.errors += missing
+    result.errors.sort(key=lambda e: (str(e.file), e.line))
     return result
 
 
-def _load_file(path: Path) -> Iterator[Declared | ManifestError]:
+def _add_unique(seen: dict[str, Any], name: str, item: Declared | DeclaredSwitch,
+                errors: list[ManifestError], *, kind: str) -> None:
+    """Names are unique across the directory: a second one is an error at both places."""
+    other = seen.get(name)
+    if other is None:
+        seen[name] = item
+        return
+    errors.append(ManifestError(
+        item.file, item.line, f"name already declared at {other.file}:{other.line}; "
+        f"{kind} names must be unique across the directory", vm=name, kind=kind))
+    errors.append(ManifestError(
+        other.file, other.line, f"name declared again at {item.file}:{item.line}",
+        vm=name, kind=kind))
+
+
+def _unknown_switches(result: Manifests) -> Iterator[ManifestError]:
+    for decl in result.vms.values():
+        for index, nic in enumerate(decl.vm.interfaces):
+            if nic.switch not in result.switches:
+                line = _line_of(decl.node, ("interfaces", index, "switch")) \
+                    if decl.node is not None else decl.line
+                yield ManifestError(
+                    decl.file, line, f"interfaces.{index}.switch: no valid switch "
+                    f"{nic.switch!r} is declared (add a document with kind: Switch, "
+                    f"name: {nic.switch})", vm=decl.vm.name)
+
+
+def _load_file(path: Path) -> Iterator[Declared | DeclaredSwitch | ManifestError]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -285,7 +446,8 @@ def _load_file(path: Path) -> Iterator[Declared | ManifestError]:
             yield from _load_document(path, node)
 
 
-def _load_document(path: Path, node: yaml.Node) -> Iterator[Declared | ManifestError]:
+def _load_document(path: Path, node: yaml.Node
+                   ) -> Iterator[Declared | DeclaredSwitch | ManifestError]:
     line = node.start_mark.line + 1
     try:
         data = yaml.SafeLoader("").construct_document(node)
@@ -298,18 +460,28 @@ def _load_document(path: Path, node: yaml.Node) -> Iterator[Declared | ManifestE
         return
     name = data.get("name") if isinstance(data.get("name"), str) else None
     kind = data.get("kind", "VM")
-    if kind != "VM":
+    model: type[VM] | type[Switch]
+    if kind == "VM":
+        model = VM
+    elif kind == "Switch":
+        model = Switch
+    else:
         where = _line_of(node, ("kind",))
-        yield ManifestError(path, where, f"unknown kind {kind!r} (expected VM)", vm=name)
+        yield ManifestError(path, where, f"unknown kind {kind!r} (expected VM or Switch)",
+                            vm=name)
         return
     try:
-        vm = VM.model_validate(data, context={"base_dir": path.parent})
+        obj = model.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as err:
         for error in err.errors():
             where = _line_of(node, tuple(error["loc"]))
-            yield ManifestError(path, where, _describe(error, VM), vm=name)
+            yield ManifestError(path, where, _describe(error, model), vm=name,
+                                kind=kind.lower())
         return
-    yield Declared(vm=vm, file=path, line=line)
+    if isinstance(obj, Switch):
+        yield DeclaredSwitch(switch=obj, file=path, line=line)
+    else:
+        yield Declared(vm=obj, file=path, line=line, node=node)
 
 
 def _line_of(node: yaml.Node, loc: Sequence[int | str]) -> int:

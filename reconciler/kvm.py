@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconciler import storage
 from reconciler.desired import VM, Accel
 from reconciler.observed import (
     MAX_SOCKET_PATH,
@@ -98,9 +100,12 @@ def opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str = QEMU
-              ) -> list[str]:
-    """The QEMU command line for vm, as an argv list (never a shell)."""
+def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str = QEMU,
+              taps: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """The QEMU command line for vm, as an argv list (never a shell).
+
+    `taps`: (tap device, MAC) for each of vm's interfaces, in order.
+    """
     argv = [
         binary, "-nodefaults", "-no-user-config",
         "-name", f"guest={opt(vm.name)}",
@@ -125,13 +130,47 @@ def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str =
     if accel == "kvm":
         argv += ["-cpu", "host"]
     # -kernel, -initrd and -append take their argument verbatim (no option parsing).
-    argv += ["-kernel", str(vm.boot.kernel)]
+    if vm.boot.kernel is not None:
+        argv += ["-kernel", str(vm.boot.kernel)]
     if vm.boot.initrd is not None:
         argv += ["-initrd", str(vm.boot.initrd)]
     if vm.boot.cmdline:
         argv += ["-append", vm.boot.cmdline]
+    argv += _storage_args(vm)
+    for index, (tap, mac) in enumerate(taps):
+        argv += ["-netdev", f"tap,id=net{index},ifname={opt(tap)},script=no,downscript=no",
+                 "-device", _json({"driver": "virtio-net-pci", "netdev": f"net{index}",
+                                   "mac": mac, "id": f"nic{index}"})]
     if paused:
         argv.append("-S")
+    return argv
+
+
+def _json(value: dict[str, Any]) -> str:
+    """A -blockdev/-device value as JSON: file names need no escaping, inject nothing."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _storage_args(vm: VM) -> list[str]:
+    """-blockdev/-device for the disks and the cdrom, formats always explicit."""
+    argv: list[str] = []
+    media = [(f"disk{i}", d.path, d.format.value, d.readonly,
+              "virtio-blk-pci" if d.bus == "virtio" else "ide-hd")
+             for i, d in enumerate(vm.disks)]
+    if vm.cdrom is not None:
+        media.append(("cd0", vm.cdrom, "raw", True, "ide-cd"))
+    boot = {"disk": "disk0", "cdrom": "cd0"}.get(vm.boot.device or "")
+    for node, path, fmt, readonly, driver in media:
+        argv += [
+            "-blockdev", _json({"driver": "file", "filename": str(path),
+                                "node-name": f"{node}-file", "read-only": readonly}),
+            "-blockdev", _json({"driver": fmt, "file": f"{node}-file", "node-name": node,
+                                "read-only": readonly}),
+        ]
+        device: dict[str, Any] = {"driver": driver, "drive": node, "id": f"{node}-dev"}
+        if node == boot:
+            device["bootindex"] = 1
+        argv += ["-device", _json(device)]
     return argv
 
 
@@ -219,7 +258,8 @@ def reap(pid: int) -> int | None:
 
 async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                 remember: Callable[[Record], None], history: Mapping[str, int],
-                restore_from: Path | None = None) -> Record:
+                restore_from: Path | None = None, taps: Sequence[tuple[str, str]] = ()
+                ) -> Record:
     """Launch QEMU for vm and wait until QMP answers (and a restore has loaded).
 
     `remember` gets the record as soon as the process exists, so a reconciler
@@ -238,8 +278,16 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         serial_offset = paths.serial_log.stat().st_size
     except FileNotFoundError:
         serial_offset = 0
+    for disk in vm.disks:
+        try:
+            created = storage.ensure_disk(disk)
+        except storage.StorageError as err:
+            raise LaunchError(f"vm '{vm.name}': {err}", argv=[], exit_code=None,
+                              output="") from err
+        if created:
+            log.info("vm '%s': %s", vm.name, created)
     accel = choose_accel(vm.accel)
-    argv = qemu_argv(vm, paths, accel=accel, paused=paused)
+    argv = qemu_argv(vm, paths, accel=accel, paused=paused, taps=taps)
     incoming = None
     if restore_from is not None:
         incoming = os.open(restore_from, os.O_RDONLY)

@@ -36,6 +36,8 @@ class Kind(StrEnum):
 
 # Actions that end a VM's process: they run before the others.
 FREEING = frozenset({Kind.TERMINATE, Kind.SAVE, Kind.FORGET})
+# Actions that start a QEMU process with the declared hardware.
+STARTING = frozenset({Kind.START, Kind.RESTART, Kind.RESTORE})
 
 
 # "Stop the tasks first, start later -- not vice versa": free resources first.
@@ -69,11 +71,40 @@ def plan(
     `prune=False` (the manifests had errors) leaves undeclared VMs as they are;
     `now` (wall clock seconds) times backed-off restarts.
     """
-    actions = [
-        decide(desired.get(name), observed.get(name), name=name, prune=prune, now=now)
-        for name in desired.keys() | observed.keys()
-    ]
+    conflicts = disk_conflicts(desired)
+    actions = []
+    for name in desired.keys() | observed.keys():
+        action = decide(desired.get(name), observed.get(name), name=name, prune=prune,
+                        now=now)
+        if name in conflicts and action.kind in STARTING:
+            action = Action(Kind.NONE, name, conflicts[name], problem=True)
+        actions.append(action)
     return sorted(actions, key=lambda a: (_ORDER[a.kind], a.vm))
+
+
+def disk_conflicts(desired: Mapping[str, VM]) -> dict[str, str]:
+    """VMs that would share a disk one of them writes to, with the reason (pure).
+
+    QEMU's image locking would refuse the second one too; this says why, with both
+    names, before any disk is touched.
+    """
+    users: dict[str, list[tuple[str, bool]]] = {}
+    for name, vm in desired.items():
+        for disk in vm.disks:
+            users.setdefault(str(disk.path), []).append((name, not disk.readonly))
+    conflicts: dict[str, str] = {}
+    for path, using in sorted(users.items()):
+        names = sorted({name for name, _ in using})
+        if len(names) < 2 or not any(writes for _, writes in using):
+            continue
+        writers = sorted({name for name, writes in using if writes})
+        for name in names:
+            others = ", ".join(f"vm '{n}'" for n in names if n != name)
+            conflicts.setdefault(name, (
+                f"disk {path} is also declared by {others}, and written by "
+                f"{', '.join(repr(w) for w in writers)}: a writable disk belongs to one VM "
+                "(make it readonly everywhere, or give each VM its own)"))
+    return conflicts
 
 
 def backoff_delay(record: Record, ended_at: float) -> float:

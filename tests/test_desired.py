@@ -84,7 +84,7 @@ def test_duplicate_names_name_both_places(tree: Path) -> None:
     b = write(tree, "b.yaml", "# comment\nname: web\nboot: {kernel: vmlinuz}\n")
     assert messages(tree) == [
         f"{a}:1: vm 'web': name declared again at {b}:2",
-        f"{b}:2: vm 'web': name already declared at {a}:1; VM names must be unique across "
+        f"{b}:2: vm 'web': name already declared at {a}:1; vm names must be unique across "
         "the directory",
     ]
     assert desired.load(tree).vms == {}
@@ -100,7 +100,7 @@ def test_bad_names_kinds_and_shapes_are_errors(tree: Path) -> None:
     assert messages(tree) == [
         f"{path}:1: vm 'Web_1': name 'Web_1' is not valid: use 1-63 lowercase letters, "
         "digits and dashes, starting with a letter or digit",
-        f"{path}:4: vm 'r': unknown kind 'Router' (expected VM)",
+        f"{path}:4: vm 'r': unknown kind 'Router' (expected VM or Switch)",
         f"{path}:7: a document must be a mapping of fields (got list)",
         f"{path}:10: name is required",
     ]
