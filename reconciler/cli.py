@@ -32,6 +32,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _address(text: str) -> str:
+    _, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port 1-65535 (got {text!r})")
+    return text
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where VM records live (env RECONCILER_STATE_DIR; "
@@ -53,16 +75,16 @@ def _main_parser() -> argparse.ArgumentParser:
                              "exit 2 when changes are pending")
     parser.add_argument("--wait", action="store_true",
                         help="with --once: wait until the VMs it started are ready")
-    parser.add_argument("--resync", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--resync", type=_seconds, default=30.0, metavar="SECONDS",
                         help="daemon: converge at least this often (default 30)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--metrics", metavar="HOST:PORT",
+    parser.add_argument("--metrics", metavar="HOST:PORT", type=_address,
                         help="daemon: serve Prometheus metrics there")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="daemon: log lines as text or JSON objects (for log shippers)")
     parser.add_argument("--stop-vms-on-exit", action="store_true",
                         help="daemon: terminate every VM on SIGTERM/SIGINT (vmm_shutdown)")
-    parser.add_argument("--parallel", type=int, default=4, metavar="N",
+    parser.add_argument("--parallel", type=_positive_int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
     _common(parser)
     return parser
@@ -112,12 +134,13 @@ def _dispatch(argv: list[str]) -> int:
         handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down,
                    "console": _console}
         return handler[command](args)
-    args = _main_parser().parse_args(argv)
+    parser = _main_parser()
+    args = parser.parse_args(argv)
     if args.once or args.check:  # a check is always a single pass
         _logging(args.verbose)
         return _once(args)
     if args.wait or args.json:
-        _Parser(prog="reconcile").error("--wait and --json go with --once")
+        parser.error("--wait and --json go with --once")
     _logging(True, json_lines=args.log_format == "json")
     return _watch(args)
 
@@ -222,7 +245,8 @@ def _status(args: argparse.Namespace) -> int:
             "managed": True, "source": record.source,
             "exit": vm.exit.reason.value if vm.exit else None, "detail": vm.detail,
         })
-    for pid, cmd in kvm.unmanaged_qemu({r.record.pid for r in seen.values()}):
+    live = {vm.record.pid for vm in seen.values() if vm.status in (Status.RUNNING, Status.PAUSED)}
+    for pid, cmd in kvm.unmanaged_qemu(live):
         rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
                      "memory": None, "accel": None, "restarts": None, "reboots": None,
                      "managed": False, "source": None, "exit": None, "detail": ""})

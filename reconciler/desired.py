@@ -104,7 +104,10 @@ Seconds = Annotated[float, BeforeValidator(parse_seconds)]
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Relative paths are relative to the manifest file."""
     base = (info.context or {}).get("base_dir")
-    path = value.expanduser()
+    try:
+        path = value.expanduser()
+    except RuntimeError as err:  # ~nosuchuser
+        raise ValueError(str(err)) from None
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     return Path(os.path.normpath(path.absolute()))  # lexically: symlinks stay as written
@@ -346,6 +349,7 @@ class Manifests:
     switches: dict[str, DeclaredSwitch] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    empty: set[Path] = field(default_factory=set)  # files that hold no document at all
 
     @property
     def broken_files(self) -> set[Path]:
@@ -376,7 +380,10 @@ def load(root: Path) -> Manifests:
     vms: dict[str, Declared] = {}
     switches: dict[str, DeclaredSwitch] = {}
     for path in result.files:
-        for item in _load_file(path):
+        items = list(_load_file(path))
+        if not items:
+            result.empty.add(path)
+        for item in items:
             if isinstance(item, ManifestError):
                 result.errors.append(item)
             elif isinstance(item, Declared):

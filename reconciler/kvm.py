@@ -21,7 +21,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from reconciler import storage
 from reconciler.desired import VM, Accel
 from reconciler.observed import (
     MAX_SOCKET_PATH,
+    Exit,
+    ExitReason,
     Record,
     VMPaths,
     is_alive,
@@ -328,8 +331,16 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             await unpause(paths)  # saved stopped: a restore comes back paused
     except ControlError as err:
         _kill(pid)
-        raise LaunchError(f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
-                          argv=argv, exit_code=reap(pid), output=_tail(paths.qemu_log)) from err
+        failure: BaseException = LaunchError(
+            f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
+            argv=argv, exit_code=None, output=_tail(paths.qemu_log))
+        remember(replace(record, exit=Exit(ExitReason.CRASHED, str(failure.args[0]),
+                                           time.time())))
+        raise failure from err
+    except LaunchError as err:  # not a reboot: say so, or the policy would retry it as one
+        remember(replace(record, exit=Exit(ExitReason.CRASHED, str(err.args[0]),
+                                           time.time())))
+        raise
     except BaseException:
         _kill(pid)
         raise
@@ -337,6 +348,9 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
 
 
 def _kill(pid: int) -> None:
+    """SIGKILL our child pid and reap it; one already reaped is left alone."""
+    if reap(pid) is not None:
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
@@ -366,6 +380,17 @@ async def _wait_exit(pidfd: int, timeout: float) -> bool:
 
 async def terminate(record: Record, paths: VMPaths, *, timeout: float) -> str:
     """Ask the guest to power off, then QMP `quit`, then SIGKILL; says which ended it."""
+    return await _ending(record, lambda pidfd: _shutdown(record, paths, pidfd,
+                                                         timeout=timeout))
+
+
+async def quit_qemu(record: Record, paths: VMPaths) -> str:
+    """End QEMU without asking the guest (after a save): QMP quit, then SIGKILL."""
+    return await _ending(record, lambda pidfd: _quit(record, paths, pidfd))
+
+
+async def _ending(record: Record, end: Callable[[int], Awaitable[str]]) -> str:
+    """Run end(pidfd) on the VM's live process; the process is reaped when it is ours."""
     if not is_alive(record):
         return "process already gone"
     try:
@@ -373,7 +398,7 @@ async def terminate(record: Record, paths: VMPaths, *, timeout: float) -> str:
     except ProcessLookupError:
         return "process already gone"
     try:
-        return await _shutdown(record, paths, pidfd, timeout=timeout)
+        return await end(pidfd)
     finally:
         os.close(pidfd)
         reap(record.pid)
@@ -433,6 +458,7 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         async with qmp(paths) as client:
+            was = (await client.execute("query-status"))["status"]  # type: ignore[index]
             try:
                 client.send_fd_scm(fd)
                 await client.execute("getfd", {"fdname": "saved-state"})
@@ -443,11 +469,12 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
                 await client.execute("stop")
                 await client.execute("migrate", {"uri": "fd:saved-state"})
                 await _migration_done(client, timeout=timeout)
-            except ControlError:
-                raise
-            except Exception as err:
+            except Exception as err:  # the guest goes on as it was
                 with contextlib.suppress(Exception):
-                    await client.execute("cont")
+                    await client.execute("migrate_cancel")
+                if was == "running":
+                    with contextlib.suppress(Exception):
+                        await client.execute("cont")
                 raise ControlError(f"vm '{record.name}': save failed: {err}") from err
         os.fsync(fd)
     except BaseException:
@@ -472,18 +499,6 @@ async def _migration_done(client: QMPClient, *, timeout: float) -> None:
             raise ControlError(f"migration {status}: {info.get('error-desc', 'no reason')}")
         await asyncio.sleep(SAVE_POLL)
     raise ControlError(f"migration did not complete within {timeout:.0f}s")
-
-
-async def quit_qemu(record: Record, paths: VMPaths) -> str:
-    """End QEMU without asking the guest (after a save): QMP quit, then SIGKILL."""
-    if not is_alive(record):
-        return "process already gone"
-    pidfd = os.pidfd_open(record.pid)
-    try:
-        return await _quit(record, paths, pidfd)
-    finally:
-        os.close(pidfd)
-        reap(record.pid)
 
 
 def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:

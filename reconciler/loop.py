@@ -114,7 +114,8 @@ async def reconcile_once(
     seen, problems = await observe(state, kvm.query_status, now=now)
     report.errors += problems
     actions = plan({name: d.vm for name, d in loaded.vms.items()}, seen,
-                   prune=not report.errors, now=now)
+                   prune=not report.errors, keep=_not_prunable(manifests, loaded, seen),
+                   now=now)
     report.retry_at = min((a.retry_at for a in actions if a.retry_at), default=None)
     if check:
         report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
@@ -126,6 +127,29 @@ async def reconcile_once(
         report.results = await _wait_ready(state, report.results)
     report.states = _states_after(report.results, loaded.vms, seen, now=now)
     return report
+
+
+def _not_prunable(manifests: Path, loaded: desired_mod.Manifests,
+                  seen: dict[str, ObservedVM]) -> dict[str, str]:
+    """Undeclared VMs that stay: declared outside PATH, or in a file now empty.
+
+    `reconcile --once vms/web.yaml` must not prune the VMs of vms/db.yaml, and an
+    editor's truncate-then-write must not look like a deletion: delete the file to
+    remove its VMs.
+    """
+    root = manifests.absolute()
+    empty = {str(path.absolute()) for path in loaded.empty}
+    keep = {}
+    for name, vm in seen.items():
+        source = Path(vm.record.source)
+        if name in loaded.vms:
+            continue
+        if source != root and root not in source.parents:
+            keep[name] = f"declared in {source}, outside {manifests}: left as it is"
+        elif str(source) in empty:
+            keep[name] = (f"{source} is empty: left as it is (delete the file to remove "
+                          "its VMs)")
+    return keep
 
 
 def _unapplied(action: Action, outcome: Outcome) -> Result:
@@ -187,15 +211,16 @@ class _Applier:
         seen, decl = self.seen.get(name), self.declared.get(name)
         if seen is None or decl is None or seen.status is Status.EXITED:
             return
-        spec = decl.vm.model_dump(mode="json")
-        if seen.record.spec != spec and seen.record.spec_hash == decl.vm.spec_hash():
-            self.state.write(replace(seen.record, spec=spec, source=str(decl.file)))
+        spec, source = decl.vm.model_dump(mode="json"), str(decl.file.absolute())
+        fresh = seen.record.spec == spec and seen.record.source == source
+        if not fresh and seen.record.spec_hash == decl.vm.spec_hash():
+            self.state.update(name, seen.record.pid, spec=spec, source=source)
 
     async def _start(self, action: Action) -> str:
         decl = self.declared[action.vm]
         vm = decl.vm
         record = await kvm.start(
-            vm, self.state.paths(vm.name), source=str(decl.file),
+            vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
             paused=vm.state is State.PAUSED, remember=self.state.write,
             history=self._history(action),
         )
@@ -204,15 +229,15 @@ class _Applier:
 
     async def _save(self, action: Action) -> str:
         """vmd's send: state to a file in the state dir, then the process ends."""
-        record = replace(self.seen[action.vm].record, stopping=True)
-        self.state.write(record)
+        record = self.seen[action.vm].record
+        self.state.update(action.vm, record.pid, stopping=True)
         paths = self.state.paths(action.vm)
         try:
             seconds = await kvm.save(record, paths, paths.saved_state)
         except BaseException:  # the guest goes on: a later exit is not a stop of ours
-            self.state.write(replace(record, stopping=False))
+            self.state.update(action.vm, record.pid, stopping=False)
             raise
-        self.state.write(replace(record, saved=str(paths.saved_state)))
+        self.state.update(action.vm, record.pid, saved=str(paths.saved_state))
         how = await kvm.quit_qemu(record, paths)
         return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
 
@@ -229,7 +254,7 @@ class _Applier:
                                   f"with is no longer valid: {err}") from err
         began = time.monotonic()
         record = await kvm.start(
-            hardware, self.state.paths(action.vm), source=str(decl.file),
+            hardware, self.state.paths(action.vm), source=str(decl.file.absolute()),
             paused=decl.vm.state is State.PAUSED, history=self._history(action),
             remember=lambda new: self.state.write(replace(new, saved=old.saved)),
             restore_from=saved,
@@ -262,18 +287,21 @@ class _Applier:
         return f"terminated: {how}"
 
     async def _forget(self, action: Action) -> str:
-        self.state.forget(action.vm)
-        return "record removed"
+        kept = self.state.forget(action.vm)
+        return "record removed" + (f"; its saved state was kept at {kept}" if kept else "")
 
     async def _restart(self, action: Action) -> str:
         seen = self.seen[action.vm]
-        if seen.status is Status.SAVED and seen.record.saved:
-            Path(seen.record.saved).unlink(missing_ok=True)
-            stopped = f"saved state {seen.record.saved} discarded"
-        else:
-            stopped = await self._terminate(action)
+        restored = ""
+        if seen.status is Status.SAVED:
+            # The guest gets to shut down cleanly (its page cache is in the saved state).
+            restored = await self._restore(action) + "; "
+            records, _ = self.state.records()
+            self.seen[action.vm] = replace(seen, status=Status.RUNNING,
+                                           record=records[action.vm])
+        stopped = await self._terminate(action)
         started = await self._start(action)
-        return f"{stopped}; {started}"
+        return f"{restored}{stopped}; {started}"
 
     async def _pause(self, action: Action) -> str:
         await kvm.pause(self.state.paths(action.vm))
@@ -288,7 +316,7 @@ async def terminate(state: StateDir, record: Record, *, timeout: float | None) -
     """Mark the VM as stopping (so its exit is not a failure), then terminate it."""
     if timeout is None:
         timeout = float(record.spec.get("stop_timeout", 30))
-    state.write(replace(record, stopping=True))
+    state.update(record.name, record.pid, stopping=True)
     return await kvm.terminate(record, state.paths(record.name), timeout=timeout)
 
 
@@ -338,6 +366,8 @@ async def down(state: StateDir) -> list[tuple[str, str]]:
     async def one(vm: ObservedVM) -> tuple[str, str]:
         if vm.status is Status.EXITED:
             return vm.name, "not running"
+        if vm.status is Status.SAVED:
+            return vm.name, "saved, not running"
         try:
             how = await terminate(state, vm.record, timeout=None)
         except (kvm.DriverError, OSError) as err:
@@ -481,7 +511,7 @@ class Watch:
         record = records.get(name)
         if record is not None and record.pid == pid and record.exit is None:
             gone = post_mortem(record, self.state.paths(name), status=status, at=at)
-            self.state.write(replace(record, exit=gone))
+            self.state.update(name, pid, exit=gone)
             log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
         self.wake.set()
 

@@ -21,8 +21,9 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -200,9 +201,36 @@ class StateDir:
         paths.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.record, record.to_json())
 
-    def forget(self, name: str) -> None:
-        """Drop a VM's record and runtime files (never a disk: none live here)."""
-        shutil.rmtree(self.paths(name).dir, ignore_errors=True)
+    def update(self, name: str, pid: int, **changes: Any) -> Record | None:
+        """Change the record of process pid as it is on disk now, not a stale copy.
+
+        None (and nothing written) when the record is gone or is another process's.
+        """
+        try:
+            current = Record.from_json(self.paths(name).record.read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if current.pid != pid:
+            return None
+        new = replace(current, **changes)
+        self.write(new)
+        return new
+
+    def forget(self, name: str) -> Path | None:
+        """Drop a VM's record and runtime files (never a disk: none live here).
+
+        A saved state is not deleted: it moves to `orphaned/`, and its new path is
+        returned, so a renamed or mistyped VM loses nothing.
+        """
+        paths = self.paths(name)
+        kept = None
+        if paths.saved_state.exists():
+            orphans = self.root / "orphaned"
+            orphans.mkdir(exist_ok=True)
+            kept = orphans / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.state"
+            os.replace(paths.saved_state, kept)
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        return kept
 
 
 def atomic_write(path: Path, text: str) -> None:

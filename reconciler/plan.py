@@ -64,16 +64,22 @@ def plan(
     observed: Mapping[str, ObservedVM],
     *,
     prune: bool = True,
+    keep: Mapping[str, str] | None = None,
     now: float = 0.0,
 ) -> list[Action]:
     """One action per VM in desired or observed, terminations first, then by name.
 
-    `prune=False` (the manifests had errors) leaves undeclared VMs as they are;
-    `now` (wall clock seconds) times backed-off restarts.
+    `prune=False` (the manifests had errors) leaves undeclared VMs as they are, and
+    so does `keep` (name -> why) for the VMs it names; `now` (wall clock seconds)
+    times backed-off restarts.
     """
     conflicts = disk_conflicts(desired)
+    keep = keep or {}
     actions = []
     for name in desired.keys() | observed.keys():
+        if name not in desired and name in keep:
+            actions.append(Action(Kind.NONE, name, keep[name]))
+            continue
         action = decide(desired.get(name), observed.get(name), name=name, prune=prune,
                         now=now)
         if name in conflicts and action.kind in STARTING:
@@ -157,7 +163,7 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
             if changed and vm.on_change is OnChange.RESTART:
                 summary = "; ".join(spec_changes(seen.record.spec, vm.hardware()))
                 return Action(Kind.RESTART, name, f"spec changed while saved: {summary}; "
-                                                  "the saved state is discarded")
+                                                  "restoring it to shut it down cleanly")
             return Action(Kind.RESTORE, name, f"saved but declared {vm.state}")
         if vm.state is State.SAVED:
             return Action(Kind.NONE, name, "saved as desired")
@@ -208,7 +214,7 @@ def _start(vm: VM, seen: ObservedVM | None, *, now: float) -> Action:
         return Action(Kind.NONE, name,
                       f"crash-loop: {gone.detail}; restart {seen.record.restarts + 1} "
                       f"in {due - now:.1f}s", problem=True, retry_at=due)
-    count = "reboot" if gone.reason is ExitReason.REBOOT else (
+    count = "starting again" if gone.reason is ExitReason.REBOOT else (
         f"restart {seen.record.restarts + 1} (restart: {vm.restart})")
     return Action(Kind.START, name, f"{gone.detail}; {count}{paused}", after=gone.reason)
 

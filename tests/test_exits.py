@@ -58,7 +58,7 @@ def decide(observed: ObservedVM, *, now: float = 100.0, **fields: object):  # ty
 def test_a_guest_reboot_starts_the_vm_again_whatever_the_policy(restart: str) -> None:
     action = decide(exited(ExitReason.REBOOT, restart=restart))
     assert (action.kind, action.after, action.reason) == (
-        Kind.START, ExitReason.REBOOT, "reboot; reboot")
+        Kind.START, ExitReason.REBOOT, "reboot; starting again")
 
 
 def test_a_pending_stop_wins_over_a_reboot() -> None:

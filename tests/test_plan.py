@@ -208,5 +208,10 @@ def test_a_spec_change_while_saved_restarts_afresh_or_with_defer_restores() -> N
     saved = seen(vm(), Status.SAVED)
     restart = one(vm(memory="512M"), saved)
     assert restart == Action(Kind.RESTART, "web", "spec changed while saved: memory: 256 -> "
-                             "512; the saved state is discarded")
+                             "512; restoring it to shut it down cleanly")
     assert one(vm(memory="512M", on_change="defer"), saved).kind is Kind.RESTORE
+
+
+def test_vms_kept_by_the_caller_are_never_pruned() -> None:
+    (action,) = plan({}, {"web": seen(vm())}, keep={"web": "declared elsewhere"})
+    assert action == Action(Kind.NONE, "web", "declared elsewhere")

@@ -208,3 +208,19 @@ def test_a_guest_that_ignores_the_power_button_is_quit_after_its_grace(
     assert lines_by_vm(run)["deaf"] == (
         "changed  running but declared stopped: terminated: quit after 1s grace")
     assert not alive(pid)
+
+
+def test_a_narrower_path_or_an_emptied_file_prunes_nothing(
+    two_vms: Path, state_dir: Path, reconcile: Reconcile
+) -> None:
+    pids = {name: pid_of(state_dir, name) for name in ("alpha", "beta")}
+    narrow = reconcile("--once", two_vms / "alpha.yaml", check=0)
+    assert lines_by_vm(narrow)["beta"].startswith("ok       declared in ")
+    assert "outside" in lines_by_vm(narrow)["beta"]
+
+    (two_vms / "beta.yaml").write_text("# emptied by an editor, about to be written\n")
+    emptied = reconcile("--once", two_vms, check=0)
+    assert "is empty: left as it is (delete the file to remove its VMs)" in (
+        lines_by_vm(emptied)["beta"])
+    assert {name: pid_of(state_dir, name) for name in pids} == pids
+    assert all(alive(pid) for pid in pids.values())
