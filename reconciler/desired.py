@@ -229,6 +229,8 @@ class Switch(BaseModel):
 
     @model_validator(mode="after")
     def _bridge(self) -> Switch:
+        if self.bridge in (".", ".."):
+            raise ValueError(f"bridge {self.bridge!r} is not a valid interface name")
         if not self.bridge:
             default = f"br-{self.name}"
             if len(default) > 15:

@@ -309,7 +309,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         source=source, pid=pid, start_time=start_time, started_at=time.time(),
         accel=accel, argv=argv, serial_offset=serial_offset,
         restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
-        backoff=history.get("backoff", 0),
+        backoff=history.get("backoff", 0), taps=[tap for tap, _ in taps],
     )
     try:
         remember(record)

@@ -121,8 +121,12 @@ async def reconcile_once(
         report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
                           for a in actions]
         return report
-    applier = _Applier(state, loaded.vms, seen, parallel=parallel)
-    report.results = await applier.apply(actions)
+    applier = _Applier(state, loaded.vms, seen, parallel=parallel,
+                       bridges={n: d.switch.bridge for n, d in loaded.switches.items()})
+    try:
+        report.results = await applier.apply(actions)
+    finally:
+        applier.close()
     if wait:
         report.results = await _wait_ready(state, report.results)
     report.states = _states_after(report.results, loaded.vms, seen, now=now)
@@ -175,9 +179,15 @@ class _Applier:
     """Carries out a plan: terminations first, then the rest, each bounded in parallel."""
 
     def __init__(self, state: StateDir, declared: dict[str, Declared],
-                 seen: dict[str, ObservedVM], *, parallel: int) -> None:
+                 seen: dict[str, ObservedVM], *, parallel: int,
+                 bridges: dict[str, str]) -> None:
         self.state, self.declared, self.seen = state, declared, seen
         self.slots = asyncio.Semaphore(parallel)
+        self.bridges = bridges  # switch name -> bridge
+        self.network = Network(state)
+
+    def close(self) -> None:
+        self.network.close()
 
     async def apply(self, actions: Iterable[Action]) -> list[Result]:
         actions = list(actions)
@@ -185,6 +195,7 @@ class _Applier:
         rest = [a for a in actions if a not in freeing]
         results = await asyncio.gather(*(self._one(a) for a in freeing))
         results += await asyncio.gather(*(self._one(a) for a in rest))
+        self.network.collect_bridges()
         return list(results)
 
     async def _one(self, action: Action) -> Result:
@@ -222,7 +233,7 @@ class _Applier:
         record = await kvm.start(
             vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
             paused=vm.state is State.PAUSED, remember=self.state.write,
-            history=self._history(action),
+            history=self._history(action), taps=self.network.plug(vm, self.bridges),
         )
         how = "started paused" if vm.state is State.PAUSED else "started"
         return f"{how} (pid {record.pid}, {record.accel})"
@@ -239,6 +250,7 @@ class _Applier:
             raise
         self.state.update(action.vm, record.pid, saved=str(paths.saved_state))
         how = await kvm.quit_qemu(record, paths)
+        self.network.unplug(record)
         return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
 
     async def _restore(self, action: Action) -> str:
@@ -257,7 +269,7 @@ class _Applier:
             hardware, self.state.paths(action.vm), source=str(decl.file.absolute()),
             paused=decl.vm.state is State.PAUSED, history=self._history(action),
             remember=lambda new: self.state.write(replace(new, saved=old.saved)),
-            restore_from=saved,
+            restore_from=saved, taps=self.network.plug(hardware, self.bridges),
         )
         self.state.write(replace(record, saved=None))
         saved.unlink()
@@ -281,12 +293,13 @@ class _Applier:
         seen = self.seen[action.vm]
         vm: VM | None = self.declared[action.vm].vm if action.vm in self.declared else None
         how = await terminate(self.state, seen.record,
-                              timeout=vm.stop_timeout if vm else None)
+                              timeout=vm.stop_timeout if vm else None, network=self.network)
         if vm is None:
             self.state.forget(action.vm)
         return f"terminated: {how}"
 
     async def _forget(self, action: Action) -> str:
+        self.network.unplug(self.seen[action.vm].record)
         kept = self.state.forget(action.vm)
         return "record removed" + (f"; its saved state was kept at {kept}" if kept else "")
 
@@ -312,12 +325,83 @@ class _Applier:
         return "resumed"
 
 
-async def terminate(state: StateDir, record: Record, *, timeout: float | None) -> str:
-    """Mark the VM as stopping (so its exit is not a failure), then terminate it."""
+async def terminate(state: StateDir, record: Record, *, timeout: float | None,
+                    network: Network) -> str:
+    """Mark the VM as stopping (so its exit is not a failure), terminate it, unplug it."""
     if timeout is None:
         timeout = float(record.spec.get("stop_timeout", 30))
     state.update(record.name, record.pid, stopping=True)
-    return await kvm.terminate(record, state.paths(record.name), timeout=timeout)
+    how = await kvm.terminate(record, state.paths(record.name), timeout=timeout)
+    network.unplug(record)
+    return how
+
+
+class Network:
+    """Switches and taps for the VMs of one pass; pyroute2 is loaded only when needed."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self._net: Any = None
+
+    def _open(self) -> Any:
+        if self._net is None:
+            from reconciler.net import Net
+
+            self._net = Net()
+        return self._net
+
+    def close(self) -> None:
+        if self._net is not None:
+            self._net.close()
+            self._net = None
+
+    def plug(self, vm: VM, bridges: dict[str, str]) -> list[tuple[str, str]]:
+        """The bridge and a tap for each interface (vmd's opentap): (tap, MAC)s."""
+        if not vm.interfaces:
+            return []
+        from reconciler.net import NetError, mac_address, tap_name
+
+        net, plugged = self._open(), []
+        try:
+            for index, nic in enumerate(vm.interfaces):
+                bridge = bridges[nic.switch]
+                if net.ensure_bridge(bridge):
+                    self.state.set_created_bridges(self.state.created_bridges() | {bridge})
+                    log.info("switch '%s': created bridge %s", nic.switch, bridge)
+                tap, mac = tap_name(vm.name, index), nic.mac or mac_address(vm.name, index)
+                net.ensure_tap(tap, bridge, mac)
+                plugged.append((tap, mac))
+        except NetError as err:
+            raise kvm.DriverError(f"vm '{vm.name}': {err}") from err
+        return plugged
+
+    def unplug(self, record: Record) -> None:
+        """Remove the taps of a VM whose process has ended (a failure is only logged)."""
+        if record.taps and not is_alive(record):
+            from reconciler.net import NetError
+
+            net = self._open()
+            for tap in record.taps:
+                try:
+                    net.remove_tap(tap)
+                except NetError as err:
+                    log.warning("vm '%s': %s", record.name, err)
+
+    def collect_bridges(self) -> None:
+        """Remove the bridges this reconciler made once no VM uses them."""
+        created = self.state.created_bridges()
+        if not created:
+            return
+        net, left = self._open(), set(created)
+        for bridge in sorted(created):
+            if not net.exists(bridge):
+                left.discard(bridge)
+            elif not net.bridge_ports(bridge):
+                net.remove_bridge(bridge)
+                left.discard(bridge)
+                log.info("removed bridge %s: no VM uses it", bridge)
+        if left != created:
+            self.state.set_created_bridges(left)
 
 
 async def _wait_ready(state: StateDir, results: list[Result]) -> list[Result]:
@@ -369,13 +453,19 @@ async def down(state: StateDir) -> list[tuple[str, str]]:
         if vm.status is Status.SAVED:
             return vm.name, "saved, not running"
         try:
-            how = await terminate(state, vm.record, timeout=None)
+            how = await terminate(state, vm.record, timeout=None, network=network)
         except (kvm.DriverError, OSError) as err:
             return vm.name, f"failed: {err}"
         return vm.name, f"terminated: {how}"
 
-    ordered = sorted(seen.values(), key=lambda v: v.name)
-    return list(await asyncio.gather(*(one(vm) for vm in ordered)))
+    network = Network(state)
+    try:
+        ordered = sorted(seen.values(), key=lambda v: v.name)
+        results = list(await asyncio.gather(*(one(vm) for vm in ordered)))
+        network.collect_bridges()
+    finally:
+        network.close()
+    return results
 
 
 class Watch:

@@ -95,6 +95,7 @@ class Record:
     stopping: bool = False  # a stop was asked for (vmd's VM_STATE_SHUTDOWN)
     exit: Exit | None = None
     saved: str | None = None  # the file its state was saved to, until restored
+    taps: list[str] = field(default_factory=list)  # its tap devices, removed when it ends
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -200,6 +201,20 @@ class StateDir:
         paths = self.paths(record.name)
         paths.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.record, record.to_json())
+
+    @property
+    def _bridges_file(self) -> Path:
+        return self.root / "bridges.json"
+
+    def created_bridges(self) -> set[str]:
+        """Bridges this reconciler created: the only ones it may remove."""
+        try:
+            return set(json.loads(self._bridges_file.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def set_created_bridges(self, bridges: set[str]) -> None:
+        atomic_write(self._bridges_file, json.dumps(sorted(bridges)) + "\n")
 
     def update(self, name: str, pid: int, **changes: Any) -> Record | None:
         """Change the record of process pid as it is on disk now, not a stale copy.
