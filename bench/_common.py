@@ -84,8 +84,9 @@ def vm_manifest(name: str, guest: Path, *, memory: str, stop_timeout: str = "5s"
 class LogWatcher:
     """Incrementally reads a (possibly not yet existing) log file, looking for MARKER."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, offset: int = 0) -> None:
         self.path = path
+        self.offset = offset  # where to start reading: a record's serial_offset (this boot)
         self._file: BinaryIO | None = None
         self.data = b""
 
@@ -95,6 +96,7 @@ class LogWatcher:
                 self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
             except FileNotFoundError:
                 return None
+            self._file.seek(self.offset)
         chunk = self._file.read()
         if chunk:
             self.data += chunk
@@ -216,6 +218,173 @@ def our_qemus(must_contain: str) -> list[int]:
             if "qemu-system" in cmd and must_contain in cmd:
                 found.append(int(entry.name))
     return found
+
+
+def kill_qemus(pids: Sequence[int], must_contain: str, *, timeout: float = 10.0
+               ) -> list[int]:
+    """kill_qemu() for many at once: all are signalled first, then waited for.
+
+    Returns the pids that were killed (ours, and alive).
+    """
+    killed = []
+    for pid in pids:
+        if not proc_alive(pid):
+            continue
+        cmd = proc_cmdline(pid)
+        if "qemu-system" not in cmd or must_contain not in cmd:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        killed.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in killed:
+        while proc_alive(pid):
+            if time.monotonic() > deadline:
+                raise BenchError(f"QEMU pid {pid} survived SIGKILL for {timeout:.0f}s")
+            time.sleep(0.01)
+    return killed
+
+
+def recorded_pids(state: Path) -> list[int]:
+    """The pid of every VM record in a state dir (`<state>/vms/*/record.json`)."""
+    pids = []
+    for path in sorted(state.glob("vms/*/record.json")):
+        try:
+            record = read_record(path)
+        except (OSError, ValueError):
+            continue
+        if record is not None and isinstance(record.get("pid"), int):
+            pids.append(record["pid"])
+    return pids
+
+
+class Daemon:
+    """A `reconcile DIR` daemon in its own session, its output in a log file."""
+
+    STOP_TIMEOUT = 30.0  # it finishes its pass first, and a start waits for QMP (<= 15 s)
+
+    def __init__(self, argv: Sequence[str], log: Path) -> None:
+        self.argv, self.log = list(argv), log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as out:
+            # Its own session: a Ctrl-C on the terminal reaches us, and we stop it.
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check(self) -> None:
+        """BenchError (with the log's tail) if the daemon has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"the daemon exited {self.proc.returncode}:\n  "
+                             + (file_tail(self.log) or "(no output)"))
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> list[str]:
+        """SIGTERM (it leaves the VMs running), SIGKILL after STOP_TIMEOUT; notes."""
+        notes: list[str] = []
+        if self.proc is None:
+            return notes
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                notes.append(f"daemon ignored SIGTERM for {self.STOP_TIMEOUT:.0f}s: killed")
+        # -SIGTERM: stopped before it had set up its handler (still importing).
+        if self.proc.returncode not in (0, -signal.SIGTERM):
+            notes.append(f"daemon exited {self.proc.returncode}")
+        return notes
+
+
+# Daemon log lines: "2024-05-01 12:00:00,123 INFO reconciler: message" (local time).
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) ([\w.]+): (.*)$",
+                      re.M)
+
+
+def log_lines(text: str) -> list[tuple[float, str]]:
+    """(wall-clock time, message) of each daemon log line; 1 ms resolution."""
+    return [(time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000, m[5])
+            for m in LOG_LINE.finditer(text)]
+
+
+def write_like_an_editor(path: Path, text: str) -> None:
+    """Write a file as editors save it: a hidden temp file next to it, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the daemon's process and metrics ---------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the daemon binds it next)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(address: str, *, timeout: float = 5.0) -> dict[str, float]:
+    """Prometheus text from http://ADDRESS/metrics: {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (VmRSS, RssAnon, Threads, ...; values as text)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def kib(value: str) -> int:
+    """'12345 kB' -> 12345."""
+    return int(value.split()[0])
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each of the process's open fds points to (readlink of /proc/PID/fd/N)."""
+    targets = []
+    base = Path(f"/proc/{pid}/fd")
+    for entry in os.listdir(base):
+        try:
+            targets.append(os.readlink(base / entry))
+        except FileNotFoundError:  # closed in between
+            continue
+    return targets
+
+
+def fd_kind(target: str) -> str:
+    """A readlink target, grouped: 'socket', 'pipe', 'anon_inode:[pidfd]', a path, ..."""
+    if target.startswith(("socket:", "pipe:")):
+        return target.split(":")[0]
+    return target
 
 
 def run(cmd: Sequence[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

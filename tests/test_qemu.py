@@ -189,7 +189,8 @@ def test_validate_reports_every_error_without_touching_vms(
     assert run.err.splitlines() == [
         f"{tmp_path / 'a.yaml'}:3: vm 'a': vcpus must be at least 1 (got 0)",
         f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, boot, "
-        "kind, labels, memory, name, on_change, ready, restart, state, stop_timeout, vcpus)",
+        "cdrom, disks, interfaces, kind, labels, memory, name, on_change, ready, restart, "
+        "state, stop_timeout, vcpus)",
     ]
 
 
