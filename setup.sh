@@ -12,7 +12,7 @@ run_example=1
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
-packages=(qemu-system-x86 qemu-utils busybox-static python3-venv)
+packages=(qemu-system-x86 qemu-utils busybox-static python3-venv iproute2)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
