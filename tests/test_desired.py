@@ -152,3 +152,26 @@ def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it(tree: Path) -> N
     path = write(tree, "vms.yaml", "name: off\nboot: {kernel: vmlinuz}\n")
     assert messages(tree) == [
         f"{path}:1: name must be a string, but YAML read False: put the value in quotes"]
+
+
+def test_hardware_mistakes_are_named(tree: Path) -> None:
+    path = write(tree, "vms.yaml", (
+        "name: a\nboot: {kernel: vmlinuz, device: disk}\n---\n"
+        "name: b\nboot: {device: cdrom}\n---\n"
+        "name: c\nboot: {kernel: vmlinuz}\ndisks:\n  - {path: nope.qcow2}\n---\n"
+        "name: d\nboot: {kernel: vmlinuz}\ndisks:\n  - {path: x.raw, format: raw, "
+        "base: vmlinuz}\n---\n"
+        "name: e\nboot: {kernel: vmlinuz}\ninterfaces:\n  - {switch: lan, mac: "
+        "'01:00:5e:00:00:01'}\n---\n"
+        "kind: Switch\nname: lan\n"
+    ))
+    assert messages(tree) == [
+        f"{path}:2: vm 'a': boot: give either kernel: (direct boot) or device: disk|cdrom "
+        "(firmware boot)",
+        f"{path}:4: vm 'b': boot: {{device: cdrom}} needs cdrom:",
+        f"{path}:10: vm 'c': disks.0: {tree / 'nope.qcow2'} does not exist: give size: to "
+        "create it, or base: to create an overlay",
+        f"{path}:15: vm 'd': disks.0: an overlay on base: must be format: qcow2",
+        f"{path}:20: vm 'e': interfaces.0.mac: 01:00:5e:00:00:01 is a multicast address; "
+        "use a unicast one such as 52:54:00:12:34:56",
+    ]

@@ -91,3 +91,43 @@ def test_auto_without_dev_kvm_is_tcg(tmp_path: Path) -> None:
 def test_an_explicit_accelerator_is_respected(tmp_path: Path) -> None:
     assert choose_accel(Accel.KVM, sys_module=tmp_path, dev_kvm=tmp_path / "none") == "kvm"
     assert choose_accel(Accel.TCG) == "tcg"
+
+
+def test_disks_cdrom_and_nics_go_to_qemu_as_json_with_explicit_formats(tmp_path: Path) -> None:
+    import json
+
+    iso = tmp_path / "install,x.iso"
+    iso.write_bytes(b"iso")
+    (tmp_path / "base.raw").write_bytes(b"")
+    vm = VM.model_validate({
+        "name": "hw", "boot": {"device": "cdrom"}, "cdrom": str(iso),
+        "disks": [{"path": str(tmp_path / "a.qcow2"), "size": "1G"},
+                  {"path": str(tmp_path / "b.raw"), "format": "raw", "size": "1G",
+                   "readonly": False, "bus": "ide"}],
+        "interfaces": [{"switch": "lan"}],
+    })
+    argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False,
+                     taps=[("vmhw.0", "52:54:00:aa:bb:cc")])
+    blockdevs = [json.loads(v) for v in value_after(argv, "-blockdev")]
+    devices = [json.loads(v) for v in value_after(argv, "-device") if v.startswith("{")]
+    assert [(b["driver"], b.get("read-only")) for b in blockdevs] == [
+        ("file", False), ("qcow2", False), ("file", False), ("raw", False),
+        ("file", True), ("raw", True)]
+    assert blockdevs[4]["filename"] == str(iso)  # the comma stays inside the JSON string
+    assert [(d["driver"], d.get("bootindex")) for d in devices] == [
+        ("virtio-blk-pci", None), ("ide-hd", None), ("ide-cd", 1),
+        ("virtio-net-pci", None)]
+    assert devices[3]["mac"] == "52:54:00:aa:bb:cc"
+    assert value_after(argv, "-netdev") == [
+        "tap,id=net0,ifname=vmhw.0,script=no,downscript=no"]
+    assert "-kernel" not in argv
+
+
+def test_firmware_boot_from_a_disk_marks_the_first_disk(tmp_path: Path) -> None:
+    import json
+
+    vm = VM.model_validate({"name": "fw", "boot": {"device": "disk"},
+                            "disks": [{"path": str(tmp_path / "a.qcow2"), "size": "1G"}]})
+    argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False)
+    (device,) = [json.loads(v) for v in value_after(argv, "-device") if v.startswith("{")]
+    assert device["bootindex"] == 1 and device["drive"] == "disk0"
