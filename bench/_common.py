@@ -392,6 +392,69 @@ def run(cmd: Sequence[str], *, timeout: float = 120.0) -> subprocess.CompletedPr
                           text=True, timeout=timeout, check=False)
 
 
+# --- network namespaces -----------------------------------------------------
+#
+# Anything a benchmark does with bridges and taps happens inside a network
+# namespace it made itself (`ip netns add`), never on the host's interfaces;
+# the namespace is deleted at the end, with whatever still runs in it.
+
+def netns_add(prefix: str) -> str:
+    """Create a network namespace named PREFIX-<8 hex>; returns its name."""
+    import uuid
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    done = run(["ip", "netns", "add", name], timeout=30)
+    if done.returncode != 0:
+        raise BenchError(f"ip netns add {name} failed (root needed): {done.stderr.strip()}")
+    return name
+
+
+def netns_links(ns: str) -> dict[str, dict[str, Any]]:
+    """The interfaces in namespace ns (`ip -d -j link`), by name."""
+    done = run(["ip", "-n", ns, "-d", "-j", "link", "show"], timeout=30)
+    if done.returncode != 0:
+        raise BenchError(f"ip -n {ns} link failed: {done.stderr.strip()}")
+    return {link["ifname"]: link for link in json.loads(done.stdout or "[]")}
+
+
+def netns_flush_links(ns: str) -> list[str]:
+    """Delete every interface in namespace ns but `lo` (ports before bridges); their names."""
+    links = netns_links(ns)
+    doomed = sorted((n for n in links if n != "lo"),
+                    key=lambda n: links[n].get("linkinfo", {}).get("info_kind") == "bridge")
+    for name in doomed:
+        done = run(["ip", "-n", ns, "link", "del", name], timeout=30)
+        if done.returncode != 0 and name in netns_links(ns):
+            raise BenchError(f"ip -n {ns} link del {name} failed: {done.stderr.strip()}")
+    return doomed
+
+
+def netns_pids(ns: str) -> list[int]:
+    """The processes inside namespace ns (`ip netns pids`)."""
+    done = run(["ip", "netns", "pids", ns], timeout=30)
+    return [int(p) for p in done.stdout.split()] if done.returncode == 0 else []
+
+
+def netns_delete(ns: str, *, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every process still in namespace ns (only what we started can be in a
+    namespace we made), wait for them, then delete it. Returns the killed pids."""
+    killed = []
+    for pid in netns_pids(ns):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        killed.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in killed:
+        while proc_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    done = run(["ip", "netns", "del", ns], timeout=30)
+    if done.returncode != 0:
+        raise BenchError(f"ip netns del {ns} failed: {done.stderr.strip()}")
+    return killed
+
+
 # --- reporting ------------------------------------------------------------
 
 def ms(seconds: float) -> str:

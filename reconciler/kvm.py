@@ -69,7 +69,8 @@ class LaunchError(DriverError):
         lines = [self.args[0]]
         if self.exit_code is not None:
             lines.append(f"exit code: {self.exit_code}")
-        lines.append("command: " + " ".join(self.argv))
+        if self.argv:
+            lines.append("command: " + " ".join(self.argv))
         if self.output.strip():
             lines.append("output:\n  " + "\n  ".join(self.output.strip().splitlines()[-10:]))
         return "\n".join(lines)
@@ -283,7 +284,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         serial_offset = 0
     for disk in vm.disks:
         try:
-            created = storage.ensure_disk(disk)
+            created = await asyncio.to_thread(storage.ensure_disk, disk)
         except storage.StorageError as err:
             raise LaunchError(f"vm '{vm.name}': {err}", argv=[], exit_code=None,
                               output="") from err

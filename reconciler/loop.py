@@ -230,11 +230,16 @@ class _Applier:
     async def _start(self, action: Action) -> str:
         decl = self.declared[action.vm]
         vm = decl.vm
-        record = await kvm.start(
-            vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
-            paused=vm.state is State.PAUSED, remember=self.state.write,
-            history=self._history(action), taps=self.network.plug(vm, self.bridges),
-        )
+        taps = await asyncio.to_thread(self.network.plug, vm, self.bridges)
+        try:
+            record = await kvm.start(
+                vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
+                paused=vm.state is State.PAUSED, remember=self.state.write,
+                history=self._history(action), taps=taps,
+            )
+        except BaseException:
+            self.network.remove_taps(vm.name, [tap for tap, _ in taps])
+            raise
         how = "started paused" if vm.state is State.PAUSED else "started"
         return f"{how} (pid {record.pid}, {record.accel})"
 
@@ -265,12 +270,17 @@ class _Applier:
             raise kvm.DriverError(f"cannot restore from {saved}: the spec it was saved "
                                   f"with is no longer valid: {err}") from err
         began = time.monotonic()
-        record = await kvm.start(
-            hardware, self.state.paths(action.vm), source=str(decl.file.absolute()),
-            paused=decl.vm.state is State.PAUSED, history=self._history(action),
-            remember=lambda new: self.state.write(replace(new, saved=old.saved)),
-            restore_from=saved, taps=self.network.plug(hardware, self.bridges),
-        )
+        taps = await asyncio.to_thread(self.network.plug, hardware, self.bridges)
+        try:
+            record = await kvm.start(
+                hardware, self.state.paths(action.vm), source=str(decl.file.absolute()),
+                paused=decl.vm.state is State.PAUSED, history=self._history(action),
+                remember=lambda new: self.state.write(replace(new, saved=old.saved)),
+                restore_from=saved, taps=taps,
+            )
+        except BaseException:
+            self.network.remove_taps(action.vm, [tap for tap, _ in taps])
+            raise
         self.state.write(replace(record, saved=None))
         saved.unlink()
         return f"restored from {saved} in {time.monotonic() - began:.2f}s (pid {record.pid})"
@@ -376,16 +386,22 @@ class Network:
         return plugged
 
     def unplug(self, record: Record) -> None:
-        """Remove the taps of a VM whose process has ended (a failure is only logged)."""
+        """Remove the taps of a VM whose process has ended."""
         if record.taps and not is_alive(record):
-            from reconciler.net import NetError
+            self.remove_taps(record.name, record.taps)
 
-            net = self._open()
-            for tap in record.taps:
-                try:
-                    net.remove_tap(tap)
-                except NetError as err:
-                    log.warning("vm '%s': %s", record.name, err)
+    def remove_taps(self, vm: str, taps: list[str]) -> None:
+        """Remove taps (a failure is only logged: the VM's own outcome stands)."""
+        if not taps:
+            return
+        from reconciler.net import NetError
+
+        net = self._open()
+        for tap in taps:
+            try:
+                net.remove_tap(tap)
+            except NetError as err:
+                log.warning("vm '%s': %s", vm, err)
 
     def collect_bridges(self) -> None:
         """Remove the bridges this reconciler made once no VM uses them."""

@@ -42,8 +42,12 @@ def ensure_disk(disk: Disk) -> str | None:
     temp = disk.path.with_name(f".{disk.path.name}.creating-{os.getpid()}")
     argv = create_argv(disk, temp, binary=binary)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as err:
+            raise StorageError(f"cannot create {disk.path}: qemu-img took over "
+                               f"{err.timeout:.0f}s") from err
         if done.returncode != 0:
             raise StorageError(f"cannot create {disk.path}: {done.stderr.strip()}")
         try:
