@@ -481,3 +481,26 @@ def median(values: Sequence[float]) -> float:
 
 def verdict(value_ms: float, goal_ms: float) -> str:
     return "OK" if value_ms < goal_ms else "MISSED"
+
+
+def finish(root: Path, *, keep: bool) -> None:
+    """End of a run, error or not: kill QEMUs left under root, then keep or remove it."""
+    leftovers = kill_qemus(our_qemus(str(root)), str(root))
+    if leftovers:
+        print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
+    if keep:
+        print(f"kept {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_main(main: Callable[[], int], name: str) -> None:
+    """A benchmark's entry point: exit 0 measured, 1 on errors, 130/143 interrupted."""
+    exit_on_signals()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -25,8 +25,6 @@ Exit status: 0 when the figures were measured (flat or not), 1 on errors.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +38,10 @@ from _common import (
     GUEST_DIR,
     BenchError,
     Daemon,
-    exit_on_signals,
     fd_kind,
     fd_targets,
     file_tail,
+    finish,
     free_port,
     kib,
     kill_qemus,
@@ -54,6 +52,7 @@ from _common import (
     read_record,
     reconcile_cmd,
     recorded_pids,
+    run_main,
     scrape,
     stage_guest,
     table,
@@ -304,21 +303,8 @@ def main() -> int:
         if bench is not None:
             for note in bench.cleanup():
                 print(f"cleanup: {note}", file=sys.stderr)
-        leftovers = kill_qemus(our_qemus(str(root)), str(root))
-        if leftovers:
-            print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, keep=args.keep)
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"daemon_resources: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "daemon_resources")

@@ -47,7 +47,6 @@ from _common import (
     POLL_INTERVAL,
     BenchError,
     LogWatcher,
-    exit_on_signals,
     file_tail,
     kill_qemu,
     log_lines,
@@ -62,6 +61,7 @@ from _common import (
     read_record,
     reconcile_cmd,
     run,
+    run_main,
     stage_guest,
     table,
     vm_manifest,
@@ -518,11 +518,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"hardware: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "hardware")

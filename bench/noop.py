@@ -37,13 +37,13 @@ from _common import (
     REPO,
     BenchError,
     LogWatcher,
-    exit_on_signals,
     kill_qemu,
     median,
     ms,
     our_qemus,
     reconcile_cmd,
     run,
+    run_main,
     stage_guest,
     table,
     verdict,
@@ -179,11 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, subprocess.SubprocessError) as err:
-        print(f"noop: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "noop")

@@ -46,8 +46,8 @@ from _common import (
     GUEST_DIR,
     BenchError,
     LogWatcher,
-    exit_on_signals,
     file_tail,
+    finish,
     kill_qemu,
     median,
     ms,
@@ -56,6 +56,7 @@ from _common import (
     proc_cmdline,
     read_record,
     reconcile_cmd,
+    run_main,
     stage_guest,
     table,
     verdict,
@@ -276,23 +277,8 @@ seen ms: the poller read the new record.json (written just after the spawn).""")
               f"{verdict(med_ms, GOAL_MS)}")
         return 0
     finally:
-        leftovers = our_qemus(str(root))
-        for pid in leftovers:
-            kill_qemu(pid, str(root))
-        if leftovers:
-            print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, keep=args.keep)
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"restart_latency: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "restart_latency")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,8 @@ from _common import (
     MARKER,
     BenchError,
     LogWatcher,
-    exit_on_signals,
     file_tail,
+    finish,
     kill_qemu,
     median,
     ms,
@@ -53,6 +52,7 @@ from _common import (
     read_record,
     reconcile_cmd,
     run,
+    run_main,
     stage_guest,
     table,
     vm_manifest,
@@ -232,23 +232,8 @@ restore ms: `restored from ... in X.XXs`: spawn with -incoming, state loaded,
               f"{med['size'] / MIB:.1f} MiB for {args.memory} of guest memory")
         return 0
     finally:
-        leftovers = our_qemus(str(root))
-        for pid in leftovers:
-            kill_qemu(pid, str(root))
-        if leftovers:
-            print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, keep=args.keep)
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"save_restore: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "save_restore")

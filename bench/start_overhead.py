@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,13 +39,13 @@ from _common import (
     POLL_INTERVAL,
     BenchError,
     LogWatcher,
-    exit_on_signals,
+    finish,
     kill_qemu,
     median,
     ms,
-    our_qemus,
     proc_alive,
     reconcile_cmd,
+    run_main,
     stage_guest,
     table,
     verdict,
@@ -253,23 +252,8 @@ r exit ms: launch -> `reconcile --once` exited (QMP answered, record written).""
               f"{verdict(over_ms, GOAL_MS)}")
         return 0
     finally:
-        leftovers = our_qemus(str(root))
-        for pid in leftovers:
-            kill_qemu(pid, str(root))
-        if leftovers:
-            print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, keep=args.keep)
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"start_overhead: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "start_overhead")

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +47,8 @@ from _common import (
     BenchError,
     Daemon,
     LogWatcher,
-    exit_on_signals,
     file_tail,
+    finish,
     free_port,
     kill_qemus,
     log_lines,
@@ -61,6 +59,7 @@ from _common import (
     read_record,
     reconcile_cmd,
     recorded_pids,
+    run_main,
     scrape,
     stage_guest,
     table,
@@ -417,21 +416,8 @@ def main() -> int:
         if bench is not None:
             for note in bench.cleanup():
                 print(f"cleanup: {note}", file=sys.stderr)
-        leftovers = kill_qemus(our_qemus(str(root)), str(root))
-        if leftovers:
-            print(f"cleanup: killed leftover QEMU pids {leftovers}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, keep=args.keep)
 
 
 if __name__ == "__main__":
-    exit_on_signals()
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (BenchError, OSError, ValueError, KeyError, subprocess.SubprocessError) as err:
-        print(f"watch_latency: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "watch_latency")
