@@ -291,7 +291,8 @@ def _watch(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from reconciler.loop import Outcome, Report, Watch, down
+    from reconciler.daemon import Watch
+    from reconciler.loop import Outcome, Report, down
     from reconciler.plan import Kind
 
     state = _state(args)
