@@ -152,15 +152,20 @@ class Watch:
     def _record_exit(self, name: str, pid: int, *, at: float | None) -> None:
         """Reap the process (when ours), record why the VM ended, wake the loop.
 
-        `at=None`: it ended unseen; its files tell when.
+        `at=None`: it ended unseen; its files tell when. An end this reconciler asked
+        for (terminate, save) is the pass's own doing: it needs no other pass.
         """
         status = kvm.reap(pid)
         records, _ = self.state.records()
         record = records.get(name)
-        if record is not None and record.pid == pid and record.exit is None:
-            gone = post_mortem(record, self.state.paths(name), status=status, at=at)
-            self.state.update(name, pid, exit=gone)
-            log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
+        if record is None or record.pid != pid or record.exit is not None:
+            return
+        gone = post_mortem(record, self.state.paths(name), status=status, at=at)
+        self.state.update(name, pid, exit=gone)
+        if gone.requested:
+            log.debug("vm '%s': process %d ended as asked: %s", name, pid, gone.detail)
+            return
+        log.info("vm '%s': process %d ended: %s", name, pid, gone.detail)
         self.wake.set()
 
 
