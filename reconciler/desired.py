@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -163,6 +164,15 @@ class Disk(BaseModel):
     base_format: DiskFormat = DiskFormat.QCOW2
     readonly: bool = False
     bus: Literal["virtio", "ide"] = "virtio"
+    # The file behind the path, symlinks resolved: two paths to one disk are one disk.
+    _real_path: str = PrivateAttr("")
+
+    def model_post_init(self, context: Any) -> None:
+        self._real_path = os.path.realpath(self.path)
+
+    @property
+    def real_path(self) -> str:
+        return self._real_path
 
     @field_validator("path")
     @classmethod

@@ -97,7 +97,7 @@ def disk_conflicts(desired: Mapping[str, VM]) -> dict[str, str]:
     users: dict[str, list[tuple[str, bool]]] = {}
     for name, vm in desired.items():
         for disk in vm.disks:
-            users.setdefault(str(disk.path), []).append((name, not disk.readonly))
+            users.setdefault(disk.real_path, []).append((name, not disk.readonly))
     conflicts: dict[str, str] = {}
     for path, using in sorted(users.items()):
         names = sorted({name for name, _ in using})

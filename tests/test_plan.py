@@ -215,3 +215,17 @@ def test_a_spec_change_while_saved_restarts_afresh_or_with_defer_restores() -> N
 def test_vms_kept_by_the_caller_are_never_pruned() -> None:
     (action,) = plan({}, {"web": seen(vm())}, keep={"web": "declared elsewhere"})
     assert action == Action(Kind.NONE, "web", "declared elsewhere")
+
+
+def test_two_paths_to_one_writable_disk_are_one_disk(tmp_path: Path) -> None:
+    (tmp_path / "a.qcow2").write_bytes(b"")
+    (tmp_path / "link.qcow2").symlink_to(tmp_path / "a.qcow2")
+    a = vm("a", disks=[{"path": str(tmp_path / "a.qcow2")}])
+    b = vm("b", disks=[{"path": str(tmp_path / "link.qcow2")}])
+    c = vm("c", disks=[{"path": str(tmp_path / "a.qcow2"), "readonly": True}])
+    d = vm("d", disks=[{"path": str(tmp_path / "link.qcow2"), "readonly": True}])
+    actions = {x.vm: x for x in plan({"a": a, "b": b}, {})}
+    assert actions["a"].problem and actions["b"].problem
+    assert actions["a"].reason.startswith(f"disk {tmp_path / 'a.qcow2'} is also declared by "
+                                          "vm 'b'")
+    assert all(x.kind is Kind.START for x in plan({"c": c, "d": d}, {}))  # readers share
