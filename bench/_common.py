@@ -192,21 +192,7 @@ def kill_qemu(pid: int, must_contain: str, *, timeout: float = 10.0) -> bool:
     pid: only our own VMs are ever signalled. Waits until the process is gone
     (or a zombie: it is not our child, its new parent reaps it). True if killed.
     """
-    if not proc_alive(pid):
-        return False
-    cmd = proc_cmdline(pid)
-    if "qemu-system" not in cmd or must_contain not in cmd:
-        return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while proc_alive(pid):
-        if time.monotonic() > deadline:
-            raise BenchError(f"QEMU pid {pid} survived SIGKILL for {timeout:.0f}s")
-        time.sleep(0.01)
-    return True
+    return bool(kill_qemus([pid], must_contain, timeout=timeout))
 
 
 def our_qemus(must_contain: str) -> list[int]:

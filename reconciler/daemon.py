@@ -98,11 +98,12 @@ class Watch:
         """watchfiles on the manifest directory: a (debounced) change wakes the loop."""
         from watchfiles import awatch
 
-        root = self.manifests if self.manifests.is_dir() else self.manifests.parent
+        only_manifests = ManifestFilter(self.manifests)
+        root = only_manifests.root
         while not self.stopping.is_set():
             try:
                 async for changes in awatch(
-                    root, watch_filter=ManifestFilter(self.manifests),
+                    root, watch_filter=only_manifests,
                     debounce=DEBOUNCE_MS, step=STEP_MS, stop_event=self.stopping,
                 ):
                     names = sorted({os.path.relpath(path, root) for _, path in changes})

@@ -34,6 +34,7 @@ from reconciler.observed import (
     observe,
     post_mortem,
     readiness,
+    unready_message,
 )
 from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
 
@@ -449,8 +450,7 @@ async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
             return f"ready after {time.time() - record.started_at:.1f}s", True
         if ready is Readiness.UNREADY:
             spec = record.spec["ready"]
-            return (f"not ready: no {spec['serial']!r} on the console within "
-                    f"{float(spec['timeout']):g}s; console tail:\n{tail}"), False
+            return unready_message(spec["serial"], float(spec["timeout"]), tail), False
         await asyncio.sleep(READY_POLL)
 
 

@@ -373,6 +373,12 @@ def console_tail(text: str, lines: int = 10) -> str:
     return "\n".join(clean[-lines:])
 
 
+def unready_message(serial: str, timeout: float, tail: str) -> str:
+    """What a VM whose `ready.serial` did not show in time is told, with its console."""
+    return (f"not ready: no {serial!r} on the console within {timeout:g}s; "
+            f"console tail:\n{tail}")
+
+
 def readiness(record: Record, paths: VMPaths, *, now: float) -> tuple[Readiness | None, str]:
     """starting/ready/unready for a VM with `ready.serial`, with the console tail."""
     ready = record.spec.get("ready")

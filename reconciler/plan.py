@@ -13,7 +13,14 @@ from enum import StrEnum
 from typing import Any
 
 from reconciler.desired import VM, OnChange, Restart, State
-from reconciler.observed import ExitReason, ObservedVM, Readiness, Record, Status
+from reconciler.observed import (
+    ExitReason,
+    ObservedVM,
+    Readiness,
+    Record,
+    Status,
+    unready_message,
+)
 
 # Restarts after exits back off: the first at once, then 1 s doubling up to 5 min;
 # a VM that ran for 10 min before it ended starts over at once.
@@ -187,9 +194,9 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
         return Action(Kind.PAUSE, name, "running but declared paused")
     if seen.ready is Readiness.UNREADY:
         assert vm.ready is not None
-        return Action(Kind.NONE, name, (
-            f"not ready: no {vm.ready.serial!r} on the console within "
-            f"{vm.ready.timeout:g}s; console tail:\n{seen.console}"), problem=True)
+        return Action(Kind.NONE, name,
+                      unready_message(vm.ready.serial, vm.ready.timeout, seen.console),
+                      problem=True)
     detail = f" ({seen.detail})" if seen.detail else ""
     ready = f", {seen.ready}" if seen.ready else ""
     return Action(Kind.NONE, name, f"{vm.state} as desired{ready}{detail}")
