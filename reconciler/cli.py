@@ -54,11 +54,34 @@ def _address(text: str) -> str:
     return text
 
 
+def _byte_size(text: str) -> int:
+    """`1M`, `512K`, `2G` or a number of bytes (binary units)."""
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    number, unit = text.strip(), ""
+    if number and number[-1].lower() in "kmg":
+        number, unit = number[:-1], number[-1].lower()
+    if not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 1M or 512K (got {text!r})")
+    return int(number) * units[unit]
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
+    """The global options: accepted before or after any subcommand."""
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where VM records live (env RECONCILER_STATE_DIR; "
                              f"default {default_state_dir()})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    parser.add_argument("--debug", action="store_true",
+                        help="log everything, with a traceback for unexpected errors")
+    parser.add_argument("--max-manifest-size", type=_byte_size, default=None,
+                        metavar="SIZE", help="refuse manifest files bigger than this "
+                                             "(default 1M)")
+
+
+def _globals_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reconcile", add_help=False, allow_abbrev=False)
+    _common(parser)
+    return parser
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -92,27 +115,34 @@ def _main_parser() -> argparse.ArgumentParser:
 
 def _sub_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"reconcile {command}")
+    _common(parser)
     if command == "validate":
         parser.description = "Check manifests; report every error at once."
         parser.add_argument("path", type=Path)
     elif command == "status":
         parser.description = "One row per VM, like vmctl status."
         parser.add_argument("--json", action="store_true")
-        _common(parser)
     elif command == "down":
         parser.description = "Terminate every managed VM gracefully."
-        _common(parser)
     elif command == "console":
         parser.description = "Attach to a VM's serial console (detach with ~.)."
         parser.add_argument("name")
-        _common(parser)
     elif command == "schema":
         parser.description = "Print the JSON Schema of a VM manifest (for editors)."
     return parser
 
 
+# The exit code of an error that is a bug of ours, not a user's mistake (sysexits).
+EX_SOFTWARE = 70
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    os.umask(0o077)  # records, logs and sockets are the reconciler's (root's) only
+    for stream in (sys.stdout, sys.stderr):  # a message never fails to print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    debug = "--debug" in args_list
     try:
         code = _dispatch(args_list)
     except StateDirError as err:
@@ -123,25 +153,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # `reconcile status | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
+    except Exception as err:  # a bug of ours: one line, the traceback only on request
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"reconcile: internal error: {type(err).__name__}: {err}{hint}",
+              file=sys.stderr)
+        code = EX_SOFTWARE
     sys.exit(code)
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in SUBCOMMANDS:
-        command = argv[0]
-        args = _sub_parser(command).parse_args(argv[1:])
-        _logging(getattr(args, "verbose", False))
+    # Global options may come before or after the subcommand; the first word left is
+    # the subcommand if it names one (a directory called `status` is `./status`).
+    options, rest = _globals_parser().parse_known_args(argv)
+    if rest and rest[0] in SUBCOMMANDS:
+        command = rest[0]
+        args = _sub_parser(command).parse_args(rest[1:])
+        vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
+        _logging(args.verbose, debug=args.debug)
         handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down,
                    "console": _console}
         return handler[command](args)
     parser = _main_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
+    vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
+    if str(args.path) in SUBCOMMANDS:  # `reconcile --once status`: say what is meant
+        parser.error(f"'{args.path}' is a command, not a manifest path; "
+                     f"for a directory of that name write ./{args.path}")
     if args.once or args.check:  # a check is always a single pass
-        _logging(args.verbose)
+        _logging(args.verbose, debug=args.debug)
         return _once(args)
     if args.wait or args.json:
         parser.error("--wait and --json go with --once")
-    _logging(True, json_lines=args.log_format == "json")
+    _logging(True, json_lines=args.log_format == "json", debug=args.debug)
     return _watch(args)
 
 
@@ -157,12 +204,12 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(line)
 
 
-def _logging(verbose: bool, *, json_lines: bool = False) -> None:
+def _logging(verbose: bool, *, json_lines: bool = False, debug: bool = False) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_JSONFormatter() if json_lines else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        handlers=[handler])
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("qemu").setLevel(logging.CRITICAL)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
@@ -171,16 +218,24 @@ def _state(args: argparse.Namespace) -> StateDir:
     return StateDir(args.state_dir or default_state_dir())
 
 
+def _max_bytes(args: argparse.Namespace) -> int:
+    from reconciler.desired import DEFAULT_MAX_MANIFEST_BYTES
+
+    size: int = args.max_manifest_size or DEFAULT_MAX_MANIFEST_BYTES
+    return size
+
+
 def _once(args: argparse.Namespace) -> int:
     from reconciler.loop import Outcome, reconcile_once
 
     state = _state(args)
     if args.check:
-        report = asyncio.run(reconcile_once(args.path, state, check=True))
+        report = asyncio.run(reconcile_once(args.path, state, check=True,
+                                            max_bytes=_max_bytes(args)))
     else:
         with state.locked():
             report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
-                                                wait=args.wait))
+                                                wait=args.wait, max_bytes=_max_bytes(args)))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return report.exit_code()
@@ -204,7 +259,7 @@ def _once(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from reconciler import desired
 
-    loaded = desired.load(args.path)
+    loaded = desired.load(args.path, state_dir=_state(args).root, max_bytes=_max_bytes(args))
     for error in loaded.errors:
         print(error, file=sys.stderr)
     if not loaded.files and not loaded.errors:
@@ -265,9 +320,10 @@ def _status(args: argparse.Namespace) -> int:
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         for line in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    for problem in problems:
+    for problem in problems.values():
         print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    unresponsive = any(vm.unresponsive for vm in seen.values())
+    return 1 if problems or unresponsive else 0
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -319,7 +375,7 @@ def _watch(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
-                      on_report=on_report)
+                      on_report=on_report, max_bytes=_max_bytes(args))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, watch.stop)

@@ -21,7 +21,7 @@ from reconciler import desired as desired_mod
 from reconciler import kvm
 from reconciler.loop import DEFAULT_PARALLEL, Report, reconcile_once
 from reconciler.notify import notify, watchdog_interval
-from reconciler.observed import StateDir, is_alive, post_mortem
+from reconciler.observed import StateDir, is_alive, open_pidfd, post_mortem
 
 log = logging.getLogger("reconciler")
 
@@ -35,9 +35,10 @@ class Watch:
 
     def __init__(self, manifests: Path, state: StateDir, *, resync: float = 30.0,
                  parallel: int = DEFAULT_PARALLEL,
-                 on_report: Callable[[Report, float], None] | None = None) -> None:
+                 on_report: Callable[[Report, float], None] | None = None,
+                 max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES) -> None:
         self.manifests, self.state = manifests, state
-        self.resync, self.parallel = resync, parallel
+        self.resync, self.parallel, self.max_bytes = resync, parallel, max_bytes
         self.on_report = on_report or (lambda report, seconds: None)
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -78,7 +79,8 @@ class Watch:
         began = time.monotonic()
         self.retry_at = None
         try:
-            report = await reconcile_once(self.manifests, self.state, parallel=self.parallel)
+            report = await reconcile_once(self.manifests, self.state, parallel=self.parallel,
+                                          max_bytes=self.max_bytes)
         except Exception as err:  # one bad pass must not end the daemon
             log.error("pass failed: %s: %s", type(err).__name__, err)
             log.debug("pass failed", exc_info=True)
@@ -126,15 +128,15 @@ class Watch:
         for pid in set(self._pidfds) - set(live):
             self._unwatch(pid)
         for record in records.values():  # ended before a watcher was set up
-            if record.pid not in live and record.exit is None and not record.saved:
+            if (record.pid not in live and not record.intent and record.exit is None
+                    and not record.saved):
                 self._record_exit(record.name, record.pid, at=None)
         loop = asyncio.get_running_loop()
         for pid, record in live.items():
             if pid in self._pidfds:
                 continue
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
+            pidfd = open_pidfd(record)  # pidfd first, then its start time: no reused pid
+            if pidfd is None:
                 continue
             self._pidfds[pid] = pidfd
             loop.add_reader(pidfd, self._exited, record.name, pid)

@@ -382,7 +382,11 @@ def manifest_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def load(root: Path) -> Manifests:
+DEFAULT_MAX_MANIFEST_BYTES = 1 << 20
+
+
+def load(root: Path, *, state_dir: Path | None = None,
+         max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES) -> Manifests:
     """Load and validate every manifest under root; collect every error."""
     result = Manifests()
     if not root.exists():

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import time
@@ -26,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reconciler import storage
+from reconciler import faults, storage
 from reconciler.desired import VM, Accel
 from reconciler.observed import (
     MAX_SOCKET_PATH,
@@ -34,7 +35,8 @@ from reconciler.observed import (
     ExitReason,
     Record,
     VMPaths,
-    is_alive,
+    find_qemu,
+    open_pidfd,
     process_start_time,
 )
 
@@ -237,7 +239,7 @@ def _spawn(argv: list[str], paths: VMPaths) -> int:
     if binary is None:
         raise LaunchError(f"{argv[0]} not found; install qemu-system-x86",
                           argv=argv, exit_code=None, output="")
-    out = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    out = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         return os.posix_spawn(binary, argv, os.environ, setsid=True, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -253,6 +255,8 @@ def reap(pid: int) -> int | None:
 
     None while it runs, or when it is not our child (an adopted VM).
     """
+    if pid <= 0:  # waitpid would take any child of ours
+        return None
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -260,26 +264,41 @@ def reap(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status) if done else None
 
 
+RESTORE_RATE = 64 * 1024**2  # bytes/s a restore is given at least (slow disks, TCG)
+
+
+def restore_timeout(size: int) -> float:
+    """How long a restore may take to load a saved state of size bytes."""
+    return LAUNCH_TIMEOUT + size / RESTORE_RATE
+
+
 async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                 remember: Callable[[Record], None], history: Mapping[str, int],
-                restore_from: Path | None = None, taps: Sequence[tuple[str, str]] = ()
-                ) -> Record:
+                restore_from: Path | None = None, taps: Sequence[tuple[str, str]] = (),
+                keep: Mapping[str, Any] | None = None) -> Record:
     """Launch QEMU for vm and wait until QMP answers (and a restore has loaded).
 
-    `remember` gets the record as soon as the process exists, so a reconciler
-    that dies right then still knows the VM; a QEMU that never answers is killed.
-    `restore_from`: a file written by `save()`, handed to QEMU as `-incoming fd:N`.
+    `remember` gets the record before the spawn (an intent: no pid yet), again as
+    soon as the process exists, and with the exit when the launch fails, so a
+    reconciler that dies at any point leaves a record its successor can follow
+    (`observed.find_qemu` adopts a QEMU spawned before its pid was recorded).
+    `restore_from`: a file written by `save()`, handed to QEMU as `-incoming fd:N`;
+    the guest then stays paused until the caller resumes it. `keep`: record fields
+    carried into the new record (a restore keeps `saved` until it has loaded).
     """
     if len(str(paths.serial)) > MAX_SOCKET_PATH:
         raise LaunchError(
             f"vm '{vm.name}': socket path {paths.serial} is longer than unix sockets allow "
             f"({MAX_SOCKET_PATH}); use a shorter --state-dir or VM name",
             argv=[], exit_code=None, output="")
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.qmp, paths.serial, paths.pidfile):
-        stale.unlink(missing_ok=True)
+    paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (running := await asyncio.to_thread(find_qemu, paths)) is not None:
+        raise LaunchError(f"vm '{vm.name}': a QEMU for it already runs (pid {running[0]}); "
+                          "it is adopted, not started twice", argv=[], exit_code=None,
+                          output="")
     try:
         serial_offset = paths.serial_log.stat().st_size
+        os.chmod(paths.serial_log, 0o600)  # the console may show a root shell
     except FileNotFoundError:
         serial_offset = 0
     for disk in vm.disks:
@@ -292,48 +311,43 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             log.info("vm '%s': %s", vm.name, created)
     accel = choose_accel(vm.accel)
     argv = qemu_argv(vm, paths, accel=accel, paused=paused, taps=taps)
+    timeout = LAUNCH_TIMEOUT
+    if restore_from is not None:
+        timeout = restore_timeout(restore_from.stat().st_size)
+    record = Record(
+        name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
+        source=source, pid=0, start_time=0, started_at=time.time(),
+        accel=accel, argv=argv, serial_offset=serial_offset,
+        restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
+        backoff=history.get("backoff", 0), taps=[tap for tap, _ in taps],
+    )
+    record = replace(record, **(keep or {}))
+    remember(record)  # the intent, before anything runs
+    faults.hit("before-spawn")
+    for stale in (paths.qmp, paths.serial, paths.pidfile):  # no QEMU of its own is alive
+        stale.unlink(missing_ok=True)
     incoming = None
     if restore_from is not None:
         incoming = os.open(restore_from, os.O_RDONLY)
         os.set_inheritable(incoming, True)
-        argv += ["-incoming", f"fd:{incoming}"]
+        argv = [*argv, "-incoming", f"fd:{incoming}"]
     try:
         pid = _spawn(argv, paths)
     finally:
         if incoming is not None:
             os.close(incoming)
-    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
-
-    start_time = process_start_time(pid) or 0
-    record = Record(
-        name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
-        source=source, pid=pid, start_time=start_time, started_at=time.time(),
-        accel=accel, argv=argv, serial_offset=serial_offset,
-        restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
-        backoff=history.get("backoff", 0), taps=[tap for tap, _ in taps],
-    )
+    faults.hit("after-spawn")
     try:
+        record = replace(record, pid=pid, start_time=process_start_time(pid) or 0, argv=argv)
         remember(record)
-        async for attempt in AsyncRetrying(
-            stop=stop_after_delay(LAUNCH_TIMEOUT),
-            wait=wait_exponential(multiplier=0.002, max=0.02),
-            retry=retry_if_exception_type(ControlError),
-            reraise=True,
-        ):
-            with attempt:
-                code = reap(pid)
-                if code is not None:
-                    what = "restore" if restore_from else "start"
-                    raise LaunchError(f"vm '{vm.name}': QEMU exited during {what}", argv=argv,
-                                      exit_code=code, output=_tail(paths.qemu_log))
-                if await query_status(paths) == "inmigrate":
-                    raise ControlError("still loading its saved state")
-        if restore_from is not None and not paused:
-            await unpause(paths)  # saved stopped: a restore comes back paused
+        if restore_from is not None:
+            faults.hit("mid-restore")
+        await _wait_up(record, paths, timeout=timeout, restoring=restore_from is not None)
     except ControlError as err:
-        _kill(pid)
+        await _kill(pid)
+        what = "restore did not load" if restore_from else "QMP did not answer"
         failure: BaseException = LaunchError(
-            f"vm '{vm.name}': QMP did not answer within {LAUNCH_TIMEOUT:.0f}s",
+            f"vm '{vm.name}': {what} within {timeout:.0f}s",
             argv=argv, exit_code=None, output=_tail(paths.qemu_log))
         remember(replace(record, exit=Exit(ExitReason.CRASHED, str(failure.args[0]),
                                            time.time())))
@@ -343,25 +357,65 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                                            time.time())))
         raise
     except BaseException:
-        _kill(pid)
+        await _kill(pid)
         raise
     return record
 
 
-def _kill(pid: int) -> None:
-    """SIGKILL our child pid and reap it; one already reaped is left alone."""
+async def _wait_up(record: Record, paths: VMPaths, *, timeout: float, restoring: bool
+                   ) -> None:
+    """Until QMP answers (and a restore has loaded); LaunchError if QEMU exits first."""
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_exponential(multiplier=0.002, max=0.02 if not restoring else 0.1),
+        retry=retry_if_exception_type(ControlError),
+        reraise=True,
+    ):
+        with attempt:
+            code = reap(record.pid)
+            if code is not None:
+                what = "restore" if restoring else "start"
+                raise LaunchError(f"vm '{record.name}': QEMU exited during {what}",
+                                  argv=record.argv, exit_code=code,
+                                  output=_tail(paths.qemu_log))
+            if await query_status(paths) == "inmigrate":
+                raise ControlError("still loading its saved state")
+
+
+async def _kill(pid: int) -> None:
+    """SIGKILL our child pid and reap it, without blocking the event loop."""
     if reap(pid) is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    try:
+        pidfd = os.pidfd_open(pid)  # our unreaped child: the pid cannot be reused
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        await _wait_exit(pidfd, KILL_TIMEOUT)
+    finally:
+        os.close(pidfd)
+        reap(pid)
 
 
 # --- terminate ------------------------------------------------------------
 
+def _ended(pidfd: int) -> bool:
+    """Whether the process behind pidfd has ended (a pidfd polls readable then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 async def _wait_exit(pidfd: int, timeout: float) -> bool:
-    """True when the process behind pidfd ends within timeout."""
+    """True when the process behind pidfd ends within timeout (0: has it ended?)."""
+    if _ended(pidfd):
+        return True
+    if timeout <= 0:
+        return False
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[None] = loop.create_future()
 
@@ -392,11 +446,8 @@ async def quit_qemu(record: Record, paths: VMPaths) -> str:
 
 async def _ending(record: Record, end: Callable[[int], Awaitable[str]]) -> str:
     """Run end(pidfd) on the VM's live process; the process is reaped when it is ours."""
-    if not is_alive(record):
-        return "process already gone"
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
+    pidfd = open_pidfd(record)
+    if pidfd is None:
         return "process already gone"
     try:
         return await end(pidfd)
@@ -413,6 +464,7 @@ async def _shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: floa
             if await query_status(paths) != "running":
                 await unpause(paths)  # a paused guest cannot see its power button
             await execute(paths, "system_powerdown")
+            faults.hit("mid-terminate")
         except ControlError as err:
             log.debug("vm '%s': power button not pressed: %s", name, err)
             if await _wait_exit(pidfd, 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -19,14 +20,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler import desired as desired_mod
-from reconciler import kvm
+from reconciler import faults, kvm
 from reconciler.desired import VM, Declared, State
 from reconciler.observed import (
+    Exit,
     ExitReason,
+    Interrupted,
     ObservedVM,
     Readiness,
     Record,
     StateDir,
+    StateDirError,
     Status,
     console_since,
     console_tail,
@@ -99,28 +103,34 @@ class Report:
 async def reconcile_once(
     manifests: Path, state: StateDir, *, check: bool = False,
     parallel: int = DEFAULT_PARALLEL, wait: bool = False,
+    max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
 ) -> Report:
     """Load, observe, plan and (unless check) apply, once; `wait`: until ready."""
-    loaded = desired_mod.load(manifests)
+    loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes)
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
                              "nothing is pruned (`reconcile down` stops every VM)")
     now = time.time()
-    seen, problems = await observe(state, kvm.query_status, now=now)
-    report.errors += problems
+    seen, unreadable = await observe(state, kvm.query_status, now=now)
+    if not check and await _recover(state, seen, now=now):
+        now = time.time()
+        seen, unreadable = await observe(state, kvm.query_status, now=now)
+    report.errors += unreadable.values()
     actions = plan({name: d.vm for name, d in loaded.vms.items()}, seen,
                    prune=not report.errors, keep=_not_prunable(manifests, loaded, seen),
-                   now=now)
+                   hold=unreadable, now=now)
     report.retry_at = min((a.retry_at for a in actions if a.retry_at), default=None)
     if check:
         report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
                           for a in actions]
         return report
+    _count_silence(state, seen, now=now)
     applier = _Applier(state, loaded.vms, seen, parallel=parallel,
                        bridges={n: d.switch.bridge for n, d in loaded.switches.items()})
     try:
         report.results = await applier.apply(actions)
+        report.errors += applier.errors
     finally:
         applier.close()
     if wait:
@@ -129,15 +139,82 @@ async def reconcile_once(
     return report
 
 
+async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float) -> bool:
+    """Finish what a reconciler killed mid-step left half done; True if anything was.
+
+    - a QEMU spawned before its pid reached the record is adopted (never a twin);
+    - a QEMU that saved its state but was not yet quit is quit (the file holds it);
+    - a restore that has loaded lets go of its file (the state lives in QEMU now);
+      one that did not load in time is killed (its guest never ran: the file stays).
+    """
+    acted = False
+    for vm in seen.values():
+        record, paths = vm.record, state.paths(vm.name)
+        try:
+            if vm.adopted:
+                state.write(record)
+                log.warning("vm '%s': adopted QEMU pid %d, which its record did not name "
+                            "(a start was interrupted)", vm.name, record.pid)
+                acted = True
+            if vm.interrupted is Interrupted.SAVE:
+                how = await kvm.quit_qemu(record, paths)
+                log.warning("vm '%s': finished an interrupted save: QEMU %s", vm.name, how)
+                acted = True
+            elif vm.interrupted is Interrupted.RESTORE:
+                acted |= await _finish_restore(state, vm, now=now)
+        except (kvm.DriverError, OSError) as err:
+            log.warning("vm '%s': cannot finish an interrupted step: %s", vm.name, err)
+    return acted
+
+
+async def _finish_restore(state: StateDir, vm: ObservedVM, *, now: float) -> bool:
+    record, paths = vm.record, state.paths(vm.name)
+    assert record.saved is not None
+    saved = Path(record.saved)
+    if vm.qmp_answered and vm.qmp_status != "inmigrate":  # loaded, still paused
+        state.update(vm.name, record.pid, saved=None, saved_pid=0)
+        saved.unlink(missing_ok=True)
+        log.warning("vm '%s': an interrupted restore had loaded; %s removed", vm.name, saved)
+        return True
+    try:
+        timeout = kvm.restore_timeout(saved.stat().st_size)
+    except OSError:
+        timeout = kvm.LAUNCH_TIMEOUT
+    if now < record.started_at + timeout:
+        return False  # still loading: the next pass looks again
+    state.update(vm.name, record.pid, exit=Exit(
+        ExitReason.CRASHED, f"restore did not load within {timeout:.0f}s", now))
+    await kvm.quit_qemu(record, paths)
+    log.warning("vm '%s': an interrupted restore did not load in %.0fs; QEMU ended, "
+                "%s kept", vm.name, timeout, saved)
+    return True
+
+
+def _count_silence(state: StateDir, seen: dict[str, ObservedVM], *, now: float) -> None:
+    """Remember for how many passes (and since when) each VM's QMP has not answered."""
+    for vm in seen.values():
+        record = vm.record
+        if vm.status not in (Status.RUNNING, Status.PAUSED):
+            continue
+        if not vm.qmp_answered:
+            state.update(vm.name, record.pid, qmp_failures=record.qmp_failures + 1,
+                         qmp_silent_since=record.qmp_silent_since or now)
+        elif record.qmp_failures or record.qmp_silent_since is not None:
+            state.update(vm.name, record.pid, qmp_failures=0, qmp_silent_since=None)
+
+
 def _not_prunable(manifests: Path, loaded: desired_mod.Manifests,
                   seen: dict[str, ObservedVM]) -> dict[str, str]:
-    """Undeclared VMs that stay: declared outside PATH, or in a file now empty.
+    """Undeclared VMs that stay: a VM is pruned only on evidence.
 
-    `reconcile --once vms/web.yaml` must not prune the VMs of vms/db.yaml, and an
-    editor's truncate-then-write must not look like a deletion: delete the file to
-    remove its VMs.
+    The evidence: its source file no longer exists at all, or was read and no longer
+    declares it. So `reconcile --once vms/web.yaml` leaves the VMs of vms/db.yaml
+    alone, a file that became empty keeps its VMs (an editor's truncate-then-write is
+    not a deletion: delete the file to remove them), and so does a file that exists
+    but was not read (hidden, another suffix, unreadable).
     """
     root = manifests.absolute()
+    read = {str(path.absolute()) for path in loaded.files}
     empty = {str(path.absolute()) for path in loaded.empty}
     keep = {}
     for name, vm in seen.items():
@@ -149,6 +226,9 @@ def _not_prunable(manifests: Path, loaded: desired_mod.Manifests,
         elif str(source) in empty:
             keep[name] = (f"{source} is empty: left as it is (delete the file to remove "
                           "its VMs)")
+        elif str(source) not in read and os.path.lexists(source):
+            keep[name] = (f"{source} exists but is not read as a manifest (hidden, not "
+                          "*.yaml/*.yml, or unreadable): left as it is")
     return keep
 
 
@@ -181,6 +261,7 @@ class _Applier:
         self.slots = asyncio.Semaphore(parallel)
         self.bridges = bridges  # switch name -> bridge
         self.network = Network(state)
+        self.errors: list[str] = []  # what went wrong outside any one VM
 
     def close(self) -> None:
         self.network.close()
@@ -191,18 +272,22 @@ class _Applier:
         rest = [a for a in actions if a not in freeing]
         results = await asyncio.gather(*(self._one(a) for a in freeing))
         results += await asyncio.gather(*(self._one(a) for a in rest))
-        self.network.collect_bridges()
+        try:
+            await asyncio.to_thread(self.network.collect_bridges)
+        except Exception as err:  # the VMs' outcomes stand; the bridge waits for a pass
+            log.debug("bridge collection failed", exc_info=True)
+            self.errors.append(f"switches: cannot remove unused bridges: {err}")
         return list(results)
 
     async def _one(self, action: Action) -> Result:
-        if not action.changes:
-            self._refresh(action.vm)
-            return _unapplied(action, Outcome.OK)
-        step: Callable[[Action], Awaitable[str]] = getattr(self, f"_{action.kind.value}")
         try:
+            if not action.changes:
+                self._refresh(action.vm)
+                return _unapplied(action, Outcome.OK)
+            step: Callable[[Action], Awaitable[str]] = getattr(self, f"_{action.kind.value}")
             async with self.slots:
                 detail = await step(action)
-        except (kvm.DriverError, OSError) as err:
+        except (kvm.DriverError, OSError, StateDirError) as err:
             log.warning("vm '%s': %s failed: %s", action.vm, action.kind, err)
             return Result(action.vm, Outcome.FAILED, action.kind, action.reason, str(err))
         except Exception as err:  # a bug in one action must not stop the others
@@ -249,13 +334,23 @@ class _Applier:
         except BaseException:  # the guest goes on: a later exit is not a stop of ours
             self.state.update(action.vm, record.pid, stopping=False)
             raise
-        self.state.update(action.vm, record.pid, saved=str(paths.saved_state))
+        # The file belongs to this pid: while it lives, the file is not a state to
+        # restore but a save to finish (quit it); see observed.Interrupted.
+        self.state.update(action.vm, record.pid, saved=str(paths.saved_state),
+                          saved_pid=record.pid)
+        faults.hit("after-save")
         how = await kvm.quit_qemu(record, paths)
         self.network.unplug(record)
         return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
 
     async def _restore(self, action: Action) -> str:
-        """vmd's receive: start from the saved file; it is deleted only once loaded."""
+        """vmd's receive: start from the saved file; it is deleted only once loaded.
+
+        Until the restore has loaded, the record keeps the file (a restore that fails
+        or is killed leaves it to be tried again, with backoff); once loaded, the
+        record lets go of it before the guest runs, so a later exit can never bring
+        back that old memory image over disks that moved on.
+        """
         decl, old = self.declared[action.vm], self.seen[action.vm].record
         assert old.saved is not None
         saved = Path(old.saved)
@@ -265,20 +360,27 @@ class _Applier:
         except ValidationError as err:
             raise kvm.DriverError(f"cannot restore from {saved}: the spec it was saved "
                                   f"with is no longer valid: {err}") from err
+        history = self._history(action)
+        failed = old.exit is not None and not old.exit.requested
+        history["backoff"] = old.backoff + 1 if failed else 0
         began = time.monotonic()
+        paths = self.state.paths(action.vm)
         taps = await asyncio.to_thread(self.network.plug, hardware, self.bridges)
         try:
             record = await kvm.start(
-                hardware, self.state.paths(action.vm), source=str(decl.file.absolute()),
-                paused=decl.vm.state is State.PAUSED, history=self._history(action),
-                remember=lambda new: self.state.write(replace(new, saved=old.saved)),
-                restore_from=saved, taps=taps,
+                hardware, paths, source=str(decl.file.absolute()),
+                paused=decl.vm.state is State.PAUSED, history=history,
+                remember=self.state.write, restore_from=saved, taps=taps,
+                keep={"saved": old.saved, "saved_pid": old.saved_pid},
             )
         except BaseException:
             self.network.remove_taps(action.vm, [tap for tap, _ in taps])
             raise
-        self.state.write(replace(record, saved=None))
-        saved.unlink()
+        self.state.write(replace(record, saved=None, saved_pid=0))
+        saved.unlink(missing_ok=True)
+        faults.hit("after-restore")
+        if decl.vm.state is not State.PAUSED:
+            await kvm.unpause(paths)  # a saved guest was stopped: it loads paused
         return f"restored from {saved} in {time.monotonic() - began:.2f}s (pid {record.pid})"
 
     def _history(self, action: Action) -> dict[str, int]:

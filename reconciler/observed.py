@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
-import shutil
 import signal
 import tempfile
 import time
@@ -94,21 +94,32 @@ class Record:
     backoff: int = 0  # automatic restarts in a row without 10 min of running
     stopping: bool = False  # a stop was asked for (vmd's VM_STATE_SHUTDOWN)
     exit: Exit | None = None
-    saved: str | None = None  # the file its state was saved to, until restored
+    saved: str | None = None  # the file its state was saved to, until a restore loads it
+    saved_pid: int = 0  # the process that saved it (the restoring one has another pid)
     taps: list[str] = field(default_factory=list)  # its tap devices, removed when it ends
+    qmp_silent_since: float | None = None  # QMP stopped answering then (None: it answers)
+    qmp_failures: int = 0  # passes in a row in which QMP did not answer
+
+    @property
+    def intent(self) -> bool:
+        """Written before the spawn: no pid yet (a QEMU may exist: see find_qemu)."""
+        return self.pid <= 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Record:
-        data = json.loads(text)
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        if fields.get("exit") is not None:
-            gone = fields["exit"]
-            fields["exit"] = Exit(ExitReason(gone["reason"]), gone["detail"], gone["at"],
-                                  gone.get("requested", False))
-        return cls(**fields)
+        """A record as written by to_json; every field's type is checked (pydantic)."""
+        record: Record = _record_adapter().validate_json(text)
+        return record
+
+
+@functools.cache
+def _record_adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Record)
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,11 @@ class VMPaths:
     def saved_state(self) -> Path:
         return self.dir / "saved.state"
 
+    def runtime_files(self) -> list[Path]:
+        """What `forget` removes: the record and what QEMU made, never anything else."""
+        return [self.record, self.qmp, self.serial, self.serial_log, self.qemu_log,
+                self.pidfile, self.dir / ".saved.state.partial"]
+
 
 class StateDir:
     def __init__(self, root: Path) -> None:
@@ -163,8 +179,9 @@ class StateDir:
     def locked(self) -> Iterator[None]:
         """Hold the state dir's lock: one reconciler at a time."""
         try:
-            self.vms_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)  # records, consoles and sockets: root's only
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise StateDirError(f"cannot use state dir {self.root}: {err.strerror}") from err
         try:
@@ -181,10 +198,14 @@ class StateDir:
         finally:
             os.close(fd)
 
-    def records(self) -> tuple[dict[str, Record], list[str]]:
-        """Every VM record, and a message for each record that cannot be read."""
+    def records(self) -> tuple[dict[str, Record], dict[str, str]]:
+        """Every VM record, and (by VM name) why each unreadable one cannot be read.
+
+        A VM with an unreadable record is left alone: neither started (it may be
+        running) nor pruned.
+        """
         found: dict[str, Record] = {}
-        problems: list[str] = []
+        problems: dict[str, str] = {}
         if not self.vms_dir.is_dir():
             return found, problems
         for entry in sorted(self.vms_dir.iterdir()):
@@ -193,13 +214,16 @@ class StateDir:
                 found[entry.name] = Record.from_json(path.read_text())
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, TypeError, KeyError) as err:
-                problems.append(f"{path}: unreadable record, VM left alone: {err}")
+            except (OSError, ValueError) as err:
+                reason = _why_unreadable(err)
+                problems[entry.name] = (f"{path}: unreadable record ({reason}); vm "
+                                        f"'{entry.name}' is left alone until it is fixed "
+                                        "or removed")
         return found, problems
 
     def write(self, record: Record) -> None:
         paths = self.paths(record.name)
-        paths.dir.mkdir(parents=True, exist_ok=True)
+        paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(paths.record, record.to_json())
 
     @property
@@ -232,20 +256,36 @@ class StateDir:
         return new
 
     def forget(self, name: str) -> Path | None:
-        """Drop a VM's record and runtime files (never a disk: none live here).
+        """Drop a VM's record and runtime files, and nothing else (never a disk).
 
         A saved state is not deleted: it moves to `orphaned/`, and its new path is
-        returned, so a renamed or mistyped VM loses nothing.
+        returned, so a renamed or mistyped VM loses nothing. A VM whose QEMU still
+        runs is not forgotten.
         """
         paths = self.paths(name)
+        if (found := find_qemu(paths)) is not None:
+            raise StateDirError(f"vm '{name}': QEMU pid {found[0]} still runs; not forgotten")
         kept = None
         if paths.saved_state.exists():
             orphans = self.root / "orphaned"
-            orphans.mkdir(exist_ok=True)
+            orphans.mkdir(exist_ok=True, mode=0o700)
             kept = orphans / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.state"
             os.replace(paths.saved_state, kept)
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        for leftover in [*paths.runtime_files(), *paths.dir.glob(".record.json.*")]:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        with contextlib.suppress(OSError):  # only if nothing else is in it
+            paths.dir.rmdir()
         return kept
+
+
+def _why_unreadable(err: Exception) -> str:
+    """One line: the first field pydantic refused, or the error's own first line."""
+    if callable(getattr(err, "errors", None)):  # pydantic's ValidationError
+        first = err.errors()[0]  # type: ignore[attr-defined]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -283,7 +323,63 @@ def process_start_time(pid: int) -> int | None:
 
 def is_alive(record: Record) -> bool:
     """Alive and the same process: a reused pid has another start time."""
-    return process_start_time(record.pid) == record.start_time
+    return not record.intent and process_start_time(record.pid) == record.start_time
+
+
+def open_pidfd(record: Record) -> int | None:
+    """A pidfd on the record's process, or None when it is gone.
+
+    The pidfd comes first and the start time is checked after: a pid reused between
+    the two can only fail the check, never be signalled in the VM's place.
+    """
+    if record.intent:
+        return None
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except (ProcessLookupError, OSError):
+        return None
+    if process_start_time(record.pid) != record.start_time:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="surrogateescape").split("\0")
+
+
+def runs_vm(pid: int, paths: VMPaths) -> bool:
+    """Whether live process pid is the QEMU of this VM in this state dir (by its argv)."""
+    if process_start_time(pid) is None:
+        return False
+    args = _cmdline(pid)
+    name = f"guest={paths.dir.name}"
+    qmp = f"path={str(paths.qmp).replace(',', ',,')},"
+    return any(a == name or a.startswith(name + ",") for a in args) and \
+        any(qmp in a for a in args)
+
+
+def find_qemu(paths: VMPaths) -> tuple[int, int] | None:
+    """(pid, start time) of a live QEMU of this VM that its record may not know of.
+
+    Its pidfile first, then every process's argv (`-name guest=NAME` and this state
+    dir's QMP socket): QEMU may not have written its pidfile yet.
+    """
+    candidates: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(int(paths.pidfile.read_text().strip()))
+    with contextlib.suppress(OSError):
+        candidates += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for pid in candidates:
+        if pid != os.getpid() and runs_vm(pid, paths):
+            start = process_start_time(pid)
+            if start is not None:
+                return pid, start
+    return None
 
 
 # --- exits ----------------------------------------------------------------
@@ -399,6 +495,18 @@ def status_from_qmp(qmp_status: str) -> Status:
     return Status.RUNNING if qmp_status == "running" else Status.PAUSED
 
 
+# QMP silent for this many passes in a row, or this long, makes a VM `unresponsive`.
+UNRESPONSIVE_PASSES = 3
+UNRESPONSIVE_AFTER = 30.0
+
+
+class Interrupted(StrEnum):
+    """A save or restore that a killed reconciler left half done (the loop finishes it)."""
+
+    SAVE = "save"  # the state is saved, but the QEMU that saved it still runs
+    RESTORE = "restore"  # a restoring QEMU runs, its record still points at the file
+
+
 @dataclass(frozen=True)
 class ObservedVM:
     name: str
@@ -408,34 +516,63 @@ class ObservedVM:
     exit: Exit | None = None  # why it ended, when EXITED
     ready: Readiness | None = None  # with `ready.serial`, when running
     console: str = ""  # console tail, when not ready in time
+    adopted: bool = False  # a QEMU its record did not know of (the record is behind)
+    qmp_answered: bool = True
+    unresponsive: bool = False  # QMP silent for UNRESPONSIVE_PASSES or UNRESPONSIVE_AFTER
+    interrupted: Interrupted | None = None
+    qmp_status: str = ""  # QMP's own word, when it answered
 
 
 QueryStatus = Callable[[VMPaths], Awaitable[str]]
 
 
 async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> tuple[
-    dict[str, ObservedVM], list[str]
+    dict[str, ObservedVM], dict[str, str]
 ]:
-    """Every managed VM with its status; problems are reported, not raised."""
+    """Every managed VM with its status, and (by name) the VMs whose record is unreadable.
+
+    Problems are reported, not raised. A QEMU that runs for a VM whose record does
+    not name it (a start killed between spawn and record) is found and adopted.
+    """
     records, problems = state.records()
 
     async def one(record: Record) -> ObservedVM:
         paths = state.paths(record.name)
+        adopted = False
+        if not is_alive(record) and (record.intent or record.exit is None):
+            found = await asyncio.to_thread(find_qemu, paths)
+            if found is not None:
+                record = replace(record, pid=found[0], start_time=found[1])
+                adopted = True
         if not is_alive(record):
             if record.saved and Path(record.saved).is_file():
                 return ObservedVM(record.name, Status.SAVED, record, f"saved to {record.saved}")
+            if record.intent:  # a start that never spawned: nothing ran
+                return ObservedVM(record.name, Status.EXITED, record, "not started")
             gone = record.exit or post_mortem(record, paths)
             return ObservedVM(record.name, Status.EXITED, record, gone.detail, exit=gone)
+        interrupted = None
+        if record.saved:
+            interrupted = Interrupted.SAVE if record.saved_pid == record.pid \
+                else Interrupted.RESTORE
         ready, console = readiness(record, paths, now=now)
         try:
             qmp_status = await query_status(paths)
         except Exception as err:  # a live VM whose QMP fails is still there
-            return ObservedVM(record.name, Status.RUNNING, record,
-                              f"QMP not answering: {err}", ready=ready, console=console)
+            since = record.qmp_silent_since or now
+            passes = record.qmp_failures + 1
+            silent = passes >= UNRESPONSIVE_PASSES or now - since >= UNRESPONSIVE_AFTER
+            detail = (f"unresponsive: QMP has not answered for {now - since:.0f}s "
+                      f"({passes} passes): {err}" if silent
+                      else f"QMP not answering: {err}")
+            return ObservedVM(record.name, Status.RUNNING, record, detail, ready=ready,
+                              console=console, adopted=adopted, qmp_answered=False,
+                              unresponsive=silent, interrupted=interrupted)
         usual = qmp_status in ("running", "paused", "prelaunch")
         detail = "" if usual else f"QMP status {qmp_status}"
         return ObservedVM(record.name, status_from_qmp(qmp_status), record, detail,
-                          ready=ready, console=console)
+                          ready=ready, console=console, adopted=adopted,
+                          interrupted=interrupted, qmp_status=qmp_status)
 
     seen = await asyncio.gather(*(one(r) for r in records.values()))
     return {vm.name: vm for vm in seen}, problems

@@ -27,6 +27,8 @@ from reconciler.observed import (
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 300.0
 BACKOFF_RESET_AFTER = 600.0
+# A failed restore is tried again after 5 s, doubling up to 5 min (its file is kept).
+RESTORE_BACKOFF_FIRST = 5.0
 
 
 class Kind(StrEnum):
@@ -72,18 +74,23 @@ def plan(
     *,
     prune: bool = True,
     keep: Mapping[str, str] | None = None,
+    hold: Mapping[str, str] | None = None,
     now: float = 0.0,
 ) -> list[Action]:
     """One action per VM in desired or observed, terminations first, then by name.
 
     `prune=False` (the manifests had errors) leaves undeclared VMs as they are, and
-    so does `keep` (name -> why) for the VMs it names; `now` (wall clock seconds)
-    times backed-off restarts.
+    so does `keep` (name -> why) for the VMs it names; `hold` (name -> why) leaves
+    VMs alone whether declared or not, as a problem (their record cannot be read:
+    one may be running); `now` (wall clock seconds) times backed-off restarts.
     """
     conflicts = disk_conflicts(desired)
-    keep = keep or {}
+    keep, hold = keep or {}, hold or {}
     actions = []
-    for name in desired.keys() | observed.keys():
+    for name in desired.keys() | observed.keys() | hold.keys():
+        if name in hold:
+            actions.append(Action(Kind.NONE, name, hold[name], problem=True))
+            continue
         if name not in desired and name in keep:
             actions.append(Action(Kind.NONE, name, keep[name]))
             continue
@@ -127,11 +134,18 @@ def backoff_delay(record: Record, ended_at: float) -> float:
     return float(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (record.backoff - 1)))
 
 
+def restore_delay(record: Record) -> float:
+    """Seconds between a failed restore and the next try (record.backoff: earlier fails)."""
+    return float(min(BACKOFF_CAP, RESTORE_BACKOFF_FIRST * 2 ** record.backoff))
+
+
 def describe(seen: ObservedVM, *, now: float) -> str:
     """The state `reconcile status` shows, like vmctl's (pure).
 
     An exited VM is judged by the restart policy it was started with.
     """
+    if seen.unresponsive:
+        return "unresponsive"
     if seen.status in (Status.PAUSED, Status.SAVED):
         return str(seen.status)
     if seen.status is Status.RUNNING:
@@ -166,6 +180,12 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
     # running or paused, unless that hardware changed and must be restarted; else kept.
     if seen.status is Status.SAVED:
         changed = seen.record.spec_hash != vm.spec_hash()
+        failed = seen.record.exit
+        if vm.state in (State.RUNNING, State.PAUSED) and failed and not failed.requested:
+            due = failed.at + restore_delay(seen.record)
+            if now < due:  # the file is kept; trying again at once would fail again
+                return Action(Kind.NONE, name, f"restore failed: {failed.detail}; retry in "
+                              f"{due - now:.1f}s", problem=True, retry_at=due)
         if vm.state in (State.RUNNING, State.PAUSED):
             if changed and vm.on_change is OnChange.RESTART:
                 summary = "; ".join(spec_changes(seen.record.spec, vm.hardware()))
@@ -187,6 +207,9 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
         if vm.on_change is OnChange.DEFER:
             return Action(Kind.NONE, name, f"restart required ({summary}); on_change: defer")
         return Action(Kind.RESTART, name, f"spec changed: {summary}")
+    # QMP does not answer: its run state is unknown, and it is not "ok".
+    if not seen.qmp_answered:
+        return Action(Kind.NONE, name, seen.detail, problem=True)
     # Same hardware: only the run state may differ.
     if vm.state is State.RUNNING and seen.status is Status.PAUSED:
         return Action(Kind.UNPAUSE, name, "paused but declared running")

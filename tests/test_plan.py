@@ -229,3 +229,52 @@ def test_two_paths_to_one_writable_disk_are_one_disk(tmp_path: Path) -> None:
     assert actions["a"].reason.startswith(f"disk {tmp_path / 'a.qcow2'} is also declared by "
                                           "vm 'b'")
     assert all(x.kind is Kind.START for x in plan({"c": c, "d": d}, {}))  # readers share
+
+
+# --- safety rungs: unreadable records, silent QMP, failed restores -------------
+
+def test_a_vm_whose_record_is_unreadable_is_held_declared_or_not() -> None:
+    why = "vms/web/record.json: unreadable record; left alone"
+    (action,) = plan({"web": vm()}, {}, hold={"web": why})
+    assert action == Action(Kind.NONE, "web", why, problem=True)
+    (action,) = plan({}, {}, hold={"web": why})
+    assert action.kind is Kind.NONE and action.problem
+
+
+def test_a_vm_whose_qmp_does_not_answer_is_a_problem_never_ok() -> None:
+    from dataclasses import replace
+
+    silent = replace(seen(vm()), qmp_answered=False, detail="QMP not answering: timed out")
+    assert one(vm(), silent) == Action(Kind.NONE, "web", "QMP not answering: timed out",
+                                       problem=True)
+    # It can still be stopped: terminate falls back to quit and SIGKILL.
+    assert one(vm(state="stopped"), silent).kind is Kind.TERMINATE
+
+
+def test_an_unresponsive_vm_is_described_so() -> None:
+    from dataclasses import replace
+
+    from reconciler.plan import describe
+
+    silent = replace(seen(vm()), qmp_answered=False, unresponsive=True)
+    assert describe(silent, now=0.0) == "unresponsive"
+
+
+def test_a_failed_restore_backs_off_and_keeps_its_file() -> None:
+    from dataclasses import replace
+
+    from reconciler.observed import Exit, ExitReason
+    from reconciler.plan import RESTORE_BACKOFF_FIRST
+
+    saved = seen(vm(), Status.SAVED)
+    failed = Exit(ExitReason.CRASHED, "QEMU exited during restore", at=100.0)
+    saved = replace(saved, record=replace(saved.record, exit=failed, saved="/s"))
+    early = plan({"web": vm()}, {"web": saved}, now=101.0)[0]
+    assert early.kind is Kind.NONE and early.problem
+    assert early.retry_at == 100.0 + RESTORE_BACKOFF_FIRST and "retry in" in early.reason
+    assert plan({"web": vm()}, {"web": saved}, now=106.0)[0].kind is Kind.RESTORE
+    twice = replace(saved, record=replace(saved.record, backoff=1))
+    assert plan({"web": vm()}, {"web": twice}, now=106.0)[0].kind is Kind.NONE
+    # A save's own exit (asked for) is no failure: restored at once.
+    asked = replace(saved, record=replace(saved.record, exit=replace(failed, requested=True)))
+    assert plan({"web": vm()}, {"web": asked}, now=100.5)[0].kind is Kind.RESTORE
