@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import Run
 
 Reconcile = Callable[..., Run]
@@ -61,3 +62,49 @@ def test_a_too_long_state_dir_is_a_message_not_a_traceback(
     run = reconcile("status", "--state-dir", tmp_path / ("x" * 120))
     assert run.code == 1 and "too long for the unix sockets" in run.err
     assert "Traceback" not in run.err
+
+
+def test_global_options_work_before_or_after_the_subcommand(
+    tmp_path: Path, reconcile: Reconcile
+) -> None:
+    state = tmp_path / "elsewhere"
+    for argv in (("--state-dir", state, "status", "--json"),
+                 ("status", "--state-dir", state, "--json"),
+                 ("status", "--json", f"--state-dir={state}")):
+        run = reconcile(*argv)
+        assert run.code == 0 and json.loads(run.out) is not None, run
+    run = reconcile("--state-dir", state, "down")  # never a daemon watching "down"
+    assert run.code == 0 and "watching" not in run.err, run
+    (tmp_path / "a.yaml").write_text("name: a\nboot: {kernel: missing}\n")
+    run = reconcile("--state-dir", state, "validate", tmp_path / "a.yaml")
+    assert run.code == 1 and "boot.kernel: file not found" in run.err, run
+    run = reconcile("validate", tmp_path / "a.yaml", "--state-dir", state, "-v")
+    assert run.code == 1 and "boot.kernel: file not found" in run.err, run
+
+
+def test_a_subcommand_is_never_read_as_a_manifest_path(
+    tmp_path: Path, reconcile: Reconcile
+) -> None:
+    run = reconcile("--once", "status")
+    assert run.code == 64 and "is a command, not a manifest path" in run.err
+    assert "./status" in run.err
+
+
+def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler import cli
+
+    def boom(args: object) -> int:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(cli, "_schema", boom)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["schema"])
+    err = capsys.readouterr().err
+    assert exited.value.code == cli.EX_SOFTWARE
+    assert err == ("reconcile: internal error: RuntimeError: a bug of ours "
+                   "(run with --debug for the traceback)\n")
+    with pytest.raises(SystemExit):
+        cli.main(["schema", "--debug"])
+    assert "Traceback" in capsys.readouterr().err
