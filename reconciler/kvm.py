@@ -292,7 +292,9 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
             f"({MAX_SOCKET_PATH}); use a shorter --state-dir or VM name",
             argv=[], exit_code=None, output="")
     paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if (running := await asyncio.to_thread(find_qemu, paths)) is not None:
+    # Under the state dir's lock no other start runs, and the pass has looked for an
+    # orphan already (observe): its pidfile is the last thing to check.
+    if (running := find_qemu(paths, scan=False)) is not None:
         raise LaunchError(f"vm '{vm.name}': a QEMU for it already runs (pid {running[0]}); "
                           "it is adopted, not started twice", argv=[], exit_code=None,
                           output="")

@@ -340,7 +340,7 @@ class _Applier:
                           saved_pid=record.pid)
         faults.hit("after-save")
         how = await kvm.quit_qemu(record, paths)
-        self.network.unplug(record)
+        await asyncio.to_thread(self.network.unplug, record)
         return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
 
     async def _restore(self, action: Action) -> str:
@@ -407,7 +407,7 @@ class _Applier:
         return f"terminated: {how}"
 
     async def _forget(self, action: Action) -> str:
-        self.network.unplug(self.seen[action.vm].record)
+        await asyncio.to_thread(self.network.unplug, self.seen[action.vm].record)
         kept = self.state.forget(action.vm)
         return "record removed" + (f"; its saved state was kept at {kept}" if kept else "")
 
@@ -440,7 +440,7 @@ async def terminate(state: StateDir, record: Record, *, timeout: float | None,
         timeout = float(record.spec.get("stop_timeout", 30))
     state.update(record.name, record.pid, stopping=True)
     how = await kvm.terminate(record, state.paths(record.name), timeout=timeout)
-    network.unplug(record)
+    await asyncio.to_thread(network.unplug, record)
     return how
 
 

@@ -344,36 +344,32 @@ def open_pidfd(record: Record) -> int | None:
     return pidfd
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="surrogateescape").split("\0")
-
-
 def runs_vm(pid: int, paths: VMPaths) -> bool:
     """Whether live process pid is the QEMU of this VM in this state dir (by its argv)."""
-    if process_start_time(pid) is None:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
-    args = _cmdline(pid)
-    name = f"guest={paths.dir.name}"
-    qmp = f"path={str(paths.qmp).replace(',', ',,')},"
-    return any(a == name or a.startswith(name + ",") for a in args) and \
-        any(qmp in a for a in args)
+    qmp = f"path={str(paths.qmp).replace(',', ',,')},".encode(errors="surrogateescape")
+    if not any(qmp in arg for arg in args):
+        return False
+    name = f"guest={paths.dir.name}".encode()
+    named = any(arg == name or arg.startswith(name + b",") for arg in args)
+    return named and process_start_time(pid) is not None
 
 
-def find_qemu(paths: VMPaths) -> tuple[int, int] | None:
+def find_qemu(paths: VMPaths, *, scan: bool = True) -> tuple[int, int] | None:
     """(pid, start time) of a live QEMU of this VM that its record may not know of.
 
-    Its pidfile first, then every process's argv (`-name guest=NAME` and this state
-    dir's QMP socket): QEMU may not have written its pidfile yet.
+    Its pidfile first, then (`scan`) every process's argv (`-name guest=NAME` and this
+    state dir's QMP socket): QEMU may not have written its pidfile yet.
     """
     candidates: list[int] = []
     with contextlib.suppress(OSError, ValueError):
         candidates.append(int(paths.pidfile.read_text().strip()))
-    with contextlib.suppress(OSError):
-        candidates += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    if scan:
+        with contextlib.suppress(OSError):
+            candidates += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
     for pid in candidates:
         if pid != os.getpid() and runs_vm(pid, paths):
             start = process_start_time(pid)
