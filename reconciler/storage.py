@@ -2,16 +2,18 @@
 
 Apply stage, beside the driver: `ensure_disk()` runs `qemu-img create` for a disk
 that does not exist yet (a blank image of its size, or a qcow2 overlay on its base)
-and does nothing to a disk that exists. The image is made under a temporary name and
-linked into place, so a disk that appears meanwhile is never overwritten.
+and does nothing to a disk that exists. The image is made in a private directory
+(mode 0700, made by mkdtemp next to the disk: nobody else can plant a symlink or a
+file in it) and hard-linked into place, so a disk that appears meanwhile is never
+overwritten and a half-made image never has the disk's name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from reconciler.desired import Disk
@@ -39,23 +41,31 @@ def ensure_disk(disk: Disk) -> str | None:
     binary = shutil.which("qemu-img")
     if binary is None:
         raise StorageError("qemu-img not found; install qemu-utils")
-    temp = disk.path.with_name(f".{disk.path.name}.creating-{os.getpid()}")
-    argv = create_argv(disk, temp, binary=binary)
     try:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as err:
-            raise StorageError(f"cannot create {disk.path}: qemu-img took over "
-                               f"{err.timeout:.0f}s") from err
+        private = tempfile.mkdtemp(dir=disk.path.parent, prefix=".reconciler-")
+    except OSError as err:
+        raise StorageError(f"cannot create {disk.path}: {err.strerror}") from err
+    try:
+        temp = Path(private) / disk.path.name
+        done = _run(create_argv(disk, temp, binary=binary), disk)
         if done.returncode != 0:
             raise StorageError(f"cannot create {disk.path}: {done.stderr.strip()}")
         try:
             os.link(temp, disk.path)  # fails if the disk appeared meanwhile: never clobber
         except FileExistsError:
             return None
+        except OSError as err:
+            raise StorageError(f"cannot create {disk.path}: {err.strerror}") from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        shutil.rmtree(private, ignore_errors=True)
     what = f"overlay on {disk.base}" if disk.base else f"{disk.size}M"
     return f"created {disk.path} ({disk.format.value}, {what})"
+
+
+def _run(argv: list[str], disk: Disk) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as err:
+        raise StorageError(f"cannot create {disk.path}: qemu-img took over "
+                           f"{err.timeout:.0f}s") from err

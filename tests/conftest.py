@@ -30,6 +30,16 @@ class Run:
         return f"exit {self.code}\n--- stdout\n{self.out}--- stderr\n{self.err}"
 
 
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """`cli.main` sets umask 077 for the process; a test calling it in-process must
+    not change the files of the tests after it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
 @pytest.fixture(scope="session")
 def guest() -> Path:
     """The test guest built by guest/build.sh; its absence is a set-up error, not a skip."""
@@ -76,9 +86,9 @@ def reconcile(state_dir: Path) -> Callable[..., Run]:
 
 
 def vm_manifest(name: str, guest: Path, **fields: str) -> str:
-    """One VM document on the test guest."""
-    lines = [f"name: {name}", "memory: 96M"]
-    lines += [f"{k}: {v}" for k, v in fields.items()]
+    """One VM document on the test guest (fields override the 96M default memory)."""
+    lines = [f"name: {name}"]
+    lines += [f"{k}: {v}" for k, v in {"memory": "96M", **fields}.items()]
     lines += [
         "boot:",
         f"  kernel: {guest / 'vmlinuz'}",

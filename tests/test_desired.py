@@ -149,9 +149,21 @@ def test_the_spec_hash_changes_with_hardware_only(tree: Path) -> None:
 
 
 def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it(tree: Path) -> None:
-    path = write(tree, "vms.yaml", "name: off\nboot: {kernel: vmlinuz}\n")
+    path = write(tree, "vms.yaml", "name: false\nboot: {kernel: vmlinuz}\n")
     assert messages(tree) == [
         f"{path}:1: name must be a string, but YAML read False: put the value in quotes"]
+
+
+def test_yaml_1_2_core_schema_keeps_yes_no_and_macs_strings(tree: Path) -> None:
+    write(tree, "vms.yaml", (
+        "name: off\nboot: {kernel: vmlinuz}\nlabels: {a: yes, b: no, c: on}\n"
+        "interfaces:\n  - {switch: lan, mac: 52:54:00:12:34:56}\n---\n"
+        "kind: Switch\nname: lan\n"))
+    loaded = desired.load(tree)
+    assert loaded.errors == []
+    vm = loaded.vms["off"].vm
+    assert vm.labels == {"a": "yes", "b": "no", "c": "on"}
+    assert vm.interfaces[0].mac == "52:54:00:12:34:56"
 
 
 def test_hardware_mistakes_are_named(tree: Path) -> None:

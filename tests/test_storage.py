@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from reconciler.desired import Disk, DiskFormat
-from reconciler.storage import create_argv
+from reconciler.storage import StorageError, create_argv, ensure_disk
 
 Reconcile = Callable[..., Run]
 StartDaemon = Callable[..., Daemon]
@@ -59,6 +59,74 @@ def test_qemu_img_command_lines() -> None:
                                    base_format=DiskFormat.RAW)
     assert create_argv(overlay, Path("/d/.a")) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-b", "/i/base.raw", "-F", "raw", "/d/.a"]
+
+
+def blank(path: Path) -> Disk:
+    return Disk.model_construct(path=path, format=DiskFormat.QCOW2, size=16, base=None,
+                                base_format=DiskFormat.QCOW2)
+
+
+def fake_qemu_img(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
+    """A `qemu-img` first on PATH that runs script (sh; for a blank disk the target is "$5");
+    its standard output goes to the returned file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "fake.log"
+    fake = bin_dir / "qemu-img"
+    fake.write_text(f"#!/bin/sh\nexec >>{log}\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_a_new_disk_is_made_in_a_private_dir_then_linked_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = fake_qemu_img(tmp_path, monkeypatch, (
+        'dir=$(dirname "$5"); stat -c "%a %U %n" "$dir"; echo image > "$5"'))
+    disk = tmp_path / "data.qcow2"
+    assert ensure_disk(blank(disk)) == f"created {disk} (qcow2, 16M)"
+    assert disk.read_text() == "image\n" and disk.stat().st_nlink == 1
+    mode, owner, private = log.read_text().split()
+    assert (mode, owner) == ("700", "root") or os.geteuid() != 0
+    assert Path(private).parent == tmp_path and Path(private).name.startswith(".reconciler-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "data.qcow2", "fake.log"]
+
+
+def test_a_disk_that_appears_meanwhile_is_never_clobbered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = tmp_path / "data.qcow2"
+    fake_qemu_img(tmp_path, monkeypatch, f'echo theirs > {disk}; echo ours > "$5"')
+    assert ensure_disk(blank(disk)) is None
+    assert disk.read_text() == "theirs\n"
+    assert not list(tmp_path.glob(".reconciler-*"))
+
+
+def test_a_failed_qemu_img_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_qemu_img(tmp_path, monkeypatch, 'echo half > "$5"; echo "no space left" >&2; exit 1')
+    disk = tmp_path / "data.qcow2"
+    with pytest.raises(StorageError, match=f"^cannot create {disk}: no space left$"):
+        ensure_disk(blank(disk))
+    assert not disk.exists() and not list(tmp_path.glob(".reconciler-*"))
+
+
+def test_a_disk_dir_that_cannot_be_written_is_a_storage_error(tmp_path: Path) -> None:
+    disk = tmp_path / "missing-dir" / "data.qcow2"
+    with pytest.raises(StorageError, match=f"^cannot create {disk}: No such file or directory$"):
+        ensure_disk(blank(disk))
+
+
+def test_real_qemu_img_creates_a_blank_image(tmp_path: Path) -> None:
+    disk = tmp_path / "data.qcow2"
+    assert ensure_disk(blank(disk)) == f"created {disk} (qcow2, 16M)"
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(disk)],
+                          capture_output=True, text=True, check=True).stdout
+    assert '"virtual-size": 16777216' in info
+    assert ensure_disk(blank(disk)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.qcow2"]
 
 
 @pytest.mark.qemu
