@@ -5,7 +5,8 @@ First stage of desired -> observed -> plan -> apply. Nothing here touches a VM:
 user mistake becomes a `ManifestError` (`FILE:LINE: vm 'NAME': what is wrong`),
 all of them reported at once, never a traceback.
 
-Manifests are untrusted input and the work on them is bounded: a file is read
+Manifests are untrusted input and the work on them is bounded; `reconciler.yamlfile`
+finds, reads and parses the files, this module validates what they hold: a file is read
 only if it is a regular file of at most `max_bytes`, its YAML is parsed by libyaml
 with the YAML 1.2 core schema (an unquoted MAC or `yes` stays a string), and a
 document's node graph is measured (depth, size with aliases expanded, cycles)
@@ -16,17 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import re
-import reprlib
 import stat
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -45,11 +45,26 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.yamlfile import DEFAULT_MAX_MANIFEST_BYTES as DEFAULT_MAX_MANIFEST_BYTES
+from reconciler.yamlfile import MANIFEST_SUFFIXES as MANIFEST_SUFFIXES
+from reconciler.yamlfile import (
+    NULL_TAG,
+    STR_TAG,
+    NodeError,
+    TooManyNodes,
+    clip,
+    shown,
+)
+from reconciler.yamlfile import ManifestError as ManifestError
+from reconciler.yamlfile import check_document as check_document
+from reconciler.yamlfile import compose_documents as compose_documents
+from reconciler.yamlfile import construct as construct
+from reconciler.yamlfile import manifest_files as manifest_files
+from reconciler.yamlfile import read_manifest as read_manifest
+
+log = logging.getLogger("reconciler")
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-MANIFEST_SUFFIXES = (".yaml", ".yml")
-DEFAULT_MAX_MANIFEST_BYTES = 1 << 20  # per file; a bigger one is an error, not read
-MAX_DEPTH = 64  # nesting of a document, aliases expanded
-MAX_NODES = 100_000  # nodes of a document, aliases expanded; and of a file, as composed
 MAX_DOCUMENTS = 1000  # per file: each is a model to validate
 MAX_ERRORS_PER_FILE = 100  # then one line that says how many more
 MAX_DISKS = 16
@@ -121,18 +136,6 @@ def parse_seconds(value: object) -> float:
     return seconds
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlong = 40
-_REPR.maxlist = _REPR.maxdict = 6
-_REPR.maxlevel = 3
-
-
-def shown(value: object) -> str:
-    """repr() cut to a line: values from a manifest can be as big as the file."""
-    return _REPR.repr(value)
-
-
 MiB = Annotated[int, BeforeValidator(parse_mebibytes)]
 Seconds = Annotated[float, BeforeValidator(parse_seconds)]
 
@@ -164,13 +167,13 @@ def _check_placement(written: str, state_dir: object, state_dirs: Sequence[str])
     """
     real = os.path.realpath(written)
     for candidate in dict.fromkeys((written, real)):
-        via = "" if candidate == written else f" (a symlink to {_clip(real)})"
+        via = "" if candidate == written else f" (a symlink to {clip(real)})"
         if any(_inside(candidate, top) for top in state_dirs):
-            raise ValueError(f"{_clip(written)}{via} is inside the state dir {state_dir}; "
+            raise ValueError(f"{clip(written)}{via} is inside the state dir {state_dir}; "
                              "keep disks and images elsewhere")
         for top in _SYSTEM_DIRS:
             if _inside(candidate, top):
-                raise ValueError(f"{_clip(written)}{via} is under {top}; keep disks and "
+                raise ValueError(f"{clip(written)}{via} is under {top}; keep disks and "
                                  "images in regular files elsewhere")
 
 
@@ -185,7 +188,7 @@ def _stat(path: Path) -> os.stat_result | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES, ...
-        raise ValueError(f"cannot check {_clip(str(path))}: {err.strerror}") from None
+        raise ValueError(f"cannot check {clip(str(path))}: {err.strerror}") from None
 
 
 def _resolve_file(value: Path, info: ValidationInfo) -> Path:
@@ -193,12 +196,8 @@ def _resolve_file(value: Path, info: ValidationInfo) -> Path:
     path = _resolve_path(value, info)
     found = _stat(path)
     if found is None or not stat.S_ISREG(found.st_mode):
-        raise ValueError(f"file not found: {_clip(str(path))}")
+        raise ValueError(f"file not found: {clip(str(path))}")
     return path
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 class Boot(BaseModel):
@@ -259,10 +258,10 @@ class Disk(BaseModel):
         path = _resolve_path(value, info)
         parent = _stat(path.parent)
         if parent is None or not stat.S_ISDIR(parent.st_mode):
-            raise ValueError(f"directory not found: {_clip(str(path.parent))}")
+            raise ValueError(f"directory not found: {clip(str(path.parent))}")
         found = _stat(path)
         if found is not None and not stat.S_ISREG(found.st_mode):
-            raise ValueError(f"not a regular file: {_clip(str(path))}")
+            raise ValueError(f"not a regular file: {clip(str(path))}")
         return path
 
     @field_validator("base")
@@ -426,33 +425,6 @@ class DeclaredSwitch:
     line: int
 
 
-_UNPRINTABLE = re.compile(r"[\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """text that encodes to UTF-8: a file name's undecodable bytes (surrogate escapes) as
-    \\xNN, any other lone surrogate as \\uNNNN."""
-    def escape(match: re.Match[str]) -> str:
-        code = ord(match[0])
-        return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
-
-    return _UNPRINTABLE.sub(escape, text)
-
-
-@dataclass(frozen=True)
-class ManifestError:
-    file: Path
-    line: int  # 0: the file as a whole (it cannot be read, or is not a file)
-    message: str
-    vm: str | None = None  # the name of the object at fault, when it has one
-    kind: str = "vm"
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}"
-        who = f"{self.kind} '{_clip(self.vm, 100)}': " if self.vm else ""
-        return printable(f"{where}: {who}{self.message}")
-
-
 @dataclass
 class Manifests:
     """Everything a manifest directory declares, and what is wrong with it."""
@@ -489,8 +461,13 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
             result.errors.append(data)
             continue
         result.files.append(path)
-        with _gc_paused():
-            items = list(_load_file(path, data, {**context, "base_dir": path.parent}))
+        try:
+            with _gc_paused():
+                items = list(_load_file(path, data, {**context, "base_dir": path.parent}))
+        except Exception as err:  # a bug of ours: this file is broken, the others load
+            log.debug("loading %s failed", path, exc_info=True)
+            items = [ManifestError(path, 0, f"internal error reading this file: "
+                                   f"{type(err).__name__}: {clip(str(err))}")]
         if not items:
             result.empty.add(path)
         for item in items:
@@ -564,417 +541,6 @@ def _unknown_switches(result: Manifests) -> Iterator[ManifestError]:
                     f"name: {nic.switch})", vm=decl.vm.name)
 
 
-# --- Finding and reading the files ------------------------------------------------
-#
-# A path that should hold a manifest but cannot be read as one is an error, never
-# skipped: skipping it would read as "its VMs were deleted" and prune them.
-
-
-@dataclass(frozen=True)
-class Listing:
-    files: list[Path]  # regular files, to be read
-    errors: list[ManifestError]  # entries that look like manifests but cannot be read
-
-
-def manifest_files(root: Path) -> Listing:
-    """`*.yaml`/`*.yml` under root, recursively; hidden files and dirs skipped.
-
-    Symlinked directories are followed, each real directory once (a symlink loop
-    ends there). An entry named like a manifest that is not a regular file once
-    symlinks are resolved, and a directory that cannot be listed, are errors.
-    root itself may be a file of any name.
-    """
-    files: list[Path] = []
-    errors: list[ManifestError] = []
-    try:
-        found = os.stat(root)
-    except (OSError, ValueError) as err:
-        errors.append(ManifestError(root, 0, _unreadable(root, err)))
-        return Listing(files, errors)
-    if not stat.S_ISDIR(found.st_mode):
-        if stat.S_ISREG(found.st_mode):
-            files.append(root)
-        else:
-            errors.append(ManifestError(root, 0, _not_regular(found.st_mode)))
-        return Listing(files, errors)
-    seen = {(found.st_dev, found.st_ino)}
-    todo = [root]
-    while todo:
-        directory = todo.pop()
-        try:
-            with os.scandir(directory) as scan:
-                entries = sorted(scan, key=lambda e: e.name)
-        except OSError as err:
-            errors.append(ManifestError(directory, 0,
-                                        f"cannot list this directory: {err.strerror}"))
-            continue
-        subdirs = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = Path(entry.path)
-            is_manifest = path.suffix in MANIFEST_SUFFIXES
-            try:
-                found = entry.stat()  # follows symlinks
-            except OSError as err:
-                vanished = err.errno == errno.ENOENT and not entry.is_symlink()
-                dangling = err.errno in (errno.ENOENT, errno.ENOTDIR)
-                if not vanished and (is_manifest or not dangling):  # a loop may be a dir
-                    errors.append(ManifestError(path, 0, _unreadable(path, err)))
-                continue
-            if is_manifest:
-                if stat.S_ISREG(found.st_mode):
-                    files.append(path)
-                else:
-                    errors.append(ManifestError(path, 0, _not_regular(found.st_mode)))
-            elif stat.S_ISDIR(found.st_mode) and (found.st_dev, found.st_ino) not in seen:
-                seen.add((found.st_dev, found.st_ino))
-                subdirs.append(path)
-        todo += reversed(subdirs)
-    return Listing(sorted(files), errors)
-
-
-def read_manifest(path: Path, *, max_bytes: int) -> bytes | ManifestError | None:
-    """The bytes of a manifest file; an error if it is not a readable regular file of at
-    most max_bytes; None if it is gone.
-
-    Opened non-blocking and checked with fstat before any read: a FIFO put in its place
-    after it was listed is refused, never waited on.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        return ManifestError(path, 0, _unreadable(path, err)) if os.path.islink(path) else None
-    except (OSError, ValueError) as err:
-        return ManifestError(path, 0, _unreadable(path, err))
-    try:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            return ManifestError(path, 0, _not_regular(found.st_mode))
-        chunks: list[bytes] = []
-        size = 0
-        while found.st_size <= max_bytes and size <= max_bytes:
-            chunk = os.read(fd, max_bytes + 1 - size)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
-        return ManifestError(path, 0, f"larger than {max_bytes} bytes, the limit for a "
-                             "manifest file (--max-manifest-size): not read")
-    except OSError as err:
-        return ManifestError(path, 0, f"cannot read: {err.strerror}")
-    finally:
-        os.close(fd)
-
-
-def _unreadable(path: Path, err: OSError | ValueError) -> str:
-    """Why stat() or open() of a manifest path failed, for a user."""
-    if isinstance(err, ValueError):
-        return f"cannot read: {err}"
-    if err.errno == errno.ENOENT:
-        if os.path.islink(path):
-            return f"dangling symlink (to {_clip(os.readlink(path))}): fix or remove it"
-        return "no such file or directory"
-    if err.errno == errno.ELOOP:
-        return "symlink loop: cannot be read"
-    return f"cannot read: {err.strerror}"
-
-
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"))
-
-
-def _not_regular(mode: int) -> str:
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
-    return f"is {kind}, not a regular file: a manifest must be a regular file"
-
-
-# --- YAML: the 1.2 core schema on libyaml, bounded ----------------------------------
-#
-# libyaml parses and composes (in C; it refuses nesting over 1000 levels); Python
-# resolves each plain scalar's tag with the YAML 1.2 core schema, where only
-# true/false are booleans and only decimal, 0o and 0x are integers (YAML 1.1 read
-# `52:54:00:12:34:56` as a base-60 integer and `no` as false). A composed document is
-# then measured without recursion before anything is built from it.
-
-_YAML_TAG = "tag:yaml.org,2002:"
-NULL_TAG, BOOL_TAG, INT_TAG, FLOAT_TAG, STR_TAG, SEQ_TAG, MAP_TAG, MERGE_TAG = (
-    _YAML_TAG + name for name in ("null", "bool", "int", "float", "str", "seq", "map", "merge"))
-_SCALAR_TAGS = frozenset((NULL_TAG, BOOL_TAG, INT_TAG, FLOAT_TAG, STR_TAG, MERGE_TAG))
-_NULLS = frozenset(("", "~", "null", "Null", "NULL"))
-_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False,
-          "FALSE": False}
-_INT_RE = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
-_FLOAT_RE = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
-                       r"|[-+]?\.(inf|Inf|INF)|\.nan|\.NaN|\.NAN")
-_NUMBER_START = frozenset("-+.0123456789")
-_MAX_INT = 1 << 63
-_BAD_CHARS = re.compile(r"[\x00\ud800-\udfff]")
-
-
-def _plain_tag(value: str) -> str:
-    """The core schema's tag for a plain (unquoted, untagged) scalar."""
-    if value in _NULLS:
-        return NULL_TAG
-    if value in _BOOLS:
-        return BOOL_TAG
-    if value == "<<":
-        return MERGE_TAG
-    if value[0] in _NUMBER_START:
-        if _INT_RE.fullmatch(value):
-            return INT_TAG
-        if _FLOAT_RE.fullmatch(value):
-            return FLOAT_TAG
-    return STR_TAG
-
-
-class TooManyNodes(yaml.YAMLError):
-    """More than MAX_NODES nodes composed from one file (aliases not expanded)."""
-
-
-class _CoreResolver(yaml.resolver.BaseResolver):
-    """Tags each node by the core schema; called once per node composed (not per alias),
-    it also stops a file that composes more than MAX_NODES nodes, while composing."""
-
-    budget = MAX_NODES
-
-    def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
-        self.budget -= 1
-        if self.budget < 0:
-            raise TooManyNodes(f"over {MAX_NODES} values in this file; split it into smaller "
-                               "files")
-        if kind is yaml.ScalarNode:
-            return _plain_tag(value) if implicit[0] else STR_TAG
-        return SEQ_TAG if kind is yaml.SequenceNode else MAP_TAG
-
-
-try:
-    from yaml._yaml import CParser as _Parser
-except ImportError:  # pragma: no cover - a PyYAML built without libyaml: slower, same rules
-    class _Parser(yaml.reader.Reader, yaml.scanner.Scanner,  # type: ignore[no-redef]
-                  yaml.parser.Parser, yaml.composer.Composer):
-        def __init__(self, stream: bytes) -> None:
-            yaml.reader.Reader.__init__(self, stream)
-            yaml.scanner.Scanner.__init__(self)
-            yaml.parser.Parser.__init__(self)
-            yaml.composer.Composer.__init__(self)
-
-
-class _Composer(_Parser, _CoreResolver):
-    def __init__(self, stream: bytes) -> None:
-        _Parser.__init__(self, stream)
-        _CoreResolver.__init__(self)
-
-
-def compose_documents(data: bytes) -> Iterator[yaml.Node]:
-    """The node graph of each document in turn (libyaml, core schema): one document's
-    nodes are freed before the next is composed. YAMLError on bad syntax, TooManyNodes
-    past MAX_NODES nodes in the file."""
-    composer = _Composer(data)
-    try:
-        while composer.check_node():
-            node = composer.get_node()
-            if node is not None:
-                yield node
-    finally:
-        composer.dispose()
-
-
-class _NodeError(Exception):
-    """A node that cannot become a value; carries its line."""
-
-    def __init__(self, node: yaml.Node, message: str) -> None:
-        super().__init__(message)
-        self.line = node.start_mark.line + 1
-        self.message = message
-
-
-def check_document(root: yaml.Node) -> list[_NodeError]:
-    """What is wrong with a composed document, before anything is built from it.
-
-    Refuses what would cost unbounded work (nesting over MAX_DEPTH, over MAX_NODES
-    nodes once aliases are expanded, an alias inside itself) and what cannot be a
-    manifest's value (tags outside the core schema, keys that are not strings,
-    duplicate keys, `<<` of a non-mapping, NUL or lone surrogates). Iterative, and
-    each collection is visited once: an alias bomb is measured without being expanded.
-    """
-    if isinstance(root, yaml.ScalarNode):
-        return _scalar_problems(root)
-    problems: list[_NodeError] = []
-    size: dict[int, int] = {}  # id(collection) -> nodes once expanded (capped)
-    depth: dict[int, int] = {}  # id(collection) -> nesting depth once expanded
-    on_path: set[int] = set()  # the collections whose subtree is being walked
-    stack: list[tuple[yaml.Node, list[yaml.Node] | None]] = [(root, None)]
-    while stack:
-        node, kids = stack.pop()
-        key = id(node)
-        if kids is not None:  # all its children are measured: measure it
-            on_path.discard(key)
-            total, deepest = 1, 0  # a scalar is 1 node, and no nesting
-            for kid in kids:
-                if isinstance(kid, yaml.ScalarNode):
-                    total += 1
-                else:
-                    total, deepest = total + size[id(kid)], max(deepest, depth[id(kid)])
-            size[key], depth[key] = min(total, MAX_NODES + 1), deepest + 1
-            if depth[key] > MAX_DEPTH:
-                return [_NodeError(node, f"nested over {MAX_DEPTH} levels deep (aliases "
-                                         "expanded); a manifest needs a handful")]
-            if total > MAX_NODES:
-                return [_NodeError(node, f"over {MAX_NODES} values once aliases are "
-                                         "expanded; a manifest needs a few dozen")]
-            continue
-        if key in size:
-            continue
-        if key in on_path:
-            return [_NodeError(node, "recursive alias: this node contains itself")]
-        if len(on_path) >= MAX_DEPTH:
-            return [_NodeError(node, f"nested over {MAX_DEPTH} levels deep; a manifest "
-                                     "needs a handful")]
-        if isinstance(node, yaml.MappingNode):
-            kids = [part for pair in node.value for part in pair]
-            problems += _mapping_problems(node)
-        else:
-            kids = list(node.value)
-            if node.tag != SEQ_TAG:
-                problems.append(_NodeError(node, _unsupported_tag(node.tag)))
-        on_path.add(key)
-        stack.append((node, kids))
-        for kid in kids:
-            if isinstance(kid, yaml.ScalarNode):
-                if kid.tag != STR_TAG or _BAD_CHARS.search(kid.value):
-                    problems += _scalar_problems(kid)
-            elif id(kid) not in size:
-                stack.append((kid, None))
-    return problems
-
-
-def _scalar_problems(node: yaml.ScalarNode) -> list[_NodeError]:
-    if node.tag not in _SCALAR_TAGS:
-        return [_NodeError(node, _unsupported_tag(node.tag))]
-    bad = _BAD_CHARS.search(node.value)
-    if bad is None:
-        return []
-    what = "a NUL character" if bad[0] == "\0" else \
-        f"a lone surrogate \\u{ord(bad[0]):04x} (not valid Unicode)"
-    return [_NodeError(node, f"{shown(node.value)} contains {what}")]
-
-
-def _mapping_problems(node: yaml.MappingNode) -> list[_NodeError]:
-    """What is wrong with a mapping's keys (its values are checked on their own)."""
-    if node.tag != MAP_TAG:
-        return [_NodeError(node, _unsupported_tag(node.tag))]
-    problems = []
-    first: dict[str, int] = {}
-    for key, value in node.value:
-        if isinstance(key, yaml.ScalarNode) and key.tag == MERGE_TAG:
-            if not _mergeable(value):
-                problems.append(_NodeError(key, "<< merges a mapping or a list of mappings "
-                                                "(<<: *defaults), not anything else"))
-        elif not isinstance(key, yaml.ScalarNode):
-            kind = "list" if isinstance(key, yaml.SequenceNode) else "mapping"
-            problems.append(_NodeError(key, f"a key must be a string, not a {kind}"))
-            continue
-        elif key.tag != STR_TAG:
-            problems.append(_NodeError(key, f"key {shown(key.value)} must be a string, but "
-                                            "YAML does not read it as one: put it in quotes"))
-            continue
-        if key.value in first:
-            problems.append(_NodeError(key, f"duplicate key {shown(key.value)} (first at "
-                                            f"line {first[key.value]})"))
-        else:
-            first[key.value] = key.start_mark.line + 1
-    return problems
-
-
-def _mergeable(node: yaml.Node) -> bool:
-    if isinstance(node, yaml.SequenceNode):
-        return all(isinstance(item, yaml.MappingNode) for item in node.value)
-    return isinstance(node, yaml.MappingNode)
-
-
-def _unsupported_tag(tag: str) -> str:
-    name = "!!" + tag.removeprefix(_YAML_TAG) if tag.startswith(_YAML_TAG) else tag
-    return (f"unsupported tag {shown(name)}: a manifest holds strings, numbers, true/false, "
-            "null, lists and mappings")
-
-
-def construct(node: yaml.Node, memo: dict[int, Any] | None = None) -> Any:
-    """The value of a document that passed check_document(): dicts, lists, scalars.
-
-    A node shared through aliases becomes one shared object. Recursive, which is safe
-    as check_document() bounded the depth.
-    """
-    memo = {} if memo is None else memo
-    known = memo.get(id(node), memo)
-    if known is not memo:
-        return known
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = _scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = [construct(item, memo) for item in node.value]
-    else:
-        merged: dict[str, Any] = {}
-        own: dict[str, Any] = {}
-        for key, item in node.value:
-            if key.tag != MERGE_TAG:
-                own[key.value] = construct(item, memo)
-                continue
-            sources = item.value if isinstance(item, yaml.SequenceNode) else [item]
-            for source in sources:  # the first one merged wins, then keys of its own
-                for name, inner in construct(source, memo).items():
-                    merged.setdefault(name, inner)
-        value = merged | own
-    memo[id(node)] = value
-    return value
-
-
-def _null(text: str) -> None:
-    if text not in _NULLS:
-        raise ValueError
-    return None
-
-
-def _int(text: str) -> int:
-    if not _INT_RE.fullmatch(text):
-        raise ValueError
-    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
-    number = int(text if base == 10 else text[2:], base) if len(text) <= 40 else _MAX_INT
-    if abs(number) >= _MAX_INT:
-        raise ValueError("out of range, over 64 bits")
-    return number
-
-
-def _float(text: str) -> float:
-    if not _FLOAT_RE.fullmatch(text):
-        raise ValueError
-    lowered = text.lower()
-    if lowered.endswith(".nan"):
-        return math.nan
-    if lowered.endswith(".inf"):
-        return -math.inf if text[0] == "-" else math.inf
-    return float(text)  # 1e999 is inf
-
-
-_CONSTRUCTORS: dict[str, Callable[[str], Any]] = {
-    STR_TAG: str, MERGE_TAG: str,  # `<<` as a value is just a string
-    NULL_TAG: _null, BOOL_TAG: _BOOLS.__getitem__, INT_TAG: _int, FLOAT_TAG: _float,
-}
-
-
-def _scalar(node: yaml.ScalarNode) -> Any:
-    """A scalar under the core schema; _NodeError when an explicit tag does not fit."""
-    try:
-        return _CONSTRUCTORS[node.tag](node.value)
-    except (ValueError, KeyError, OverflowError, TypeError, AttributeError) as err:
-        what = node.tag.removeprefix(_YAML_TAG)
-        why = f": {err}" if isinstance(err, ValueError) and str(err) else ""
-        raise _NodeError(node, f"{shown(node.value)} is not a valid !!{what} (YAML 1.2 core "
-                               f"schema){why}") from None
-
-
 def _identity(node: yaml.Node) -> tuple[str | None, str]:
     """The name and kind of a document's object, read from its nodes (for errors)."""
     name, kind = None, "vm"
@@ -1037,7 +603,7 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
     if not problems:
         try:
             data = construct(node)
-        except _NodeError as err:
+        except NodeError as err:
             problems = [err]
     if problems:
         for problem in problems[:room]:
@@ -1115,7 +681,7 @@ def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseMode
 def _describe(error: Any, model: type[BaseModel]) -> str:
     """Turn one pydantic error into `field: what is wrong (what to write instead)`."""
     loc = tuple(error["loc"])
-    where = _clip(".".join(str(p) for p in loc), 100)
+    where = clip(".".join(str(p) for p in loc), 100)
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -728,3 +729,26 @@ def test_random_bytes_never_raise(fuzz_root: Path) -> None:
         data = bytes(generator.randrange(256) for _ in range(generator.randrange(200)))
         check_property(fuzz_root, data, False)
         assert stat.S_ISREG((fuzz_root / "vms.yaml").stat().st_mode)
+
+
+def test_a_bug_while_loading_one_file_breaks_that_file_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler import desired
+
+    real = desired._load_file
+
+    def buggy(path: Path, data: bytes, context: dict[str, Any]) -> Any:
+        if path.name == "bad.yaml":
+            raise RuntimeError("a bug of ours")
+        return real(path, data, context)
+
+    monkeypatch.setattr(desired, "_load_file", buggy)
+    (tmp_path / "bad.yaml").write_text("name: bad\n")
+    (tmp_path / "good.yaml").write_text(f"name: good\nboot: {{kernel: {tmp_path / 'k'}}}\n")
+    (tmp_path / "k").write_bytes(b"kernel")
+    loaded = desired.load(tmp_path)
+    assert [str(e) for e in loaded.errors] == [
+        f"{tmp_path / 'bad.yaml'}:0: internal error reading this file: "
+        "RuntimeError: a bug of ours"]
+    assert list(loaded.vms) == ["good"]
