@@ -50,6 +50,9 @@ class Watch:
         helpers = [asyncio.create_task(self._watch_manifests())]
         if (interval := watchdog_interval()) is not None:
             helpers.append(asyncio.create_task(self._watchdog(interval)))
+        # One step for the watcher task: watchfiles sets up its inotify watches there,
+        # so a change made during the first pass's load is seen, not lost.
+        await asyncio.sleep(0)
         try:
             while not self.stopping.is_set():
                 self.wake.clear()
