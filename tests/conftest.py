@@ -67,20 +67,25 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
             continue
 
 
+def run_reconcile(state_dir: Path, *args: str | Path, env: dict[str, str] | None = None,
+                  check: int | None = None) -> Run:
+    """The real command line in a subprocess, on state_dir; `env` adds variables."""
+    full = {k: v for k, v in os.environ.items() if k != "RECONCILER_FAULT"}
+    full.update(env or {}, RECONCILER_STATE_DIR=str(state_dir))
+    proc = subprocess.run([sys.executable, "-m", "reconciler", *map(str, args)],
+                          capture_output=True, text=True, env=full, timeout=300)
+    result = Run(proc.returncode, proc.stdout, proc.stderr)
+    if check is not None:
+        assert result.code == check, str(result)
+    return result
+
+
 @pytest.fixture
 def reconcile(state_dir: Path) -> Callable[..., Run]:
     """Run the real command line in a subprocess, against the test's state dir."""
 
     def run(*args: str | Path, check: int | None = None) -> Run:
-        env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
-        proc = subprocess.run(
-            [sys.executable, "-m", "reconciler", *map(str, args)],
-            capture_output=True, text=True, env=env, timeout=300,
-        )
-        result = Run(proc.returncode, proc.stdout, proc.stderr)
-        if check is not None:
-            assert result.code == check, str(result)
-        return result
+        return run_reconcile(state_dir, *args, check=check)
 
     return run
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import fake_qemu
 import pytest
-from conftest import Run, alive, pid_of, vm_manifest
+from conftest import Run, alive, pid_of, run_reconcile, vm_manifest
 
 from reconciler import kvm
 
@@ -42,15 +40,9 @@ class Fake:
 
     def run(self, *args: str | Path, qemu: str = "", check: int | None = None) -> Run:
         """`reconcile ARGS` with FAKE_QEMU=qemu for the fakes it starts."""
-        env = dict(os.environ, RECONCILER_STATE_DIR=str(self.state_dir),
-                   PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                   FAKE_QEMU=qemu, FAKE_QEMU_LOG=str(self.log))
-        proc = subprocess.run([sys.executable, "-m", "reconciler", *map(str, args)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        result = Run(proc.returncode, proc.stdout, proc.stderr)
-        if check is not None:
-            assert result.code == check, str(result)
-        return result
+        env = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+               "FAKE_QEMU": qemu, "FAKE_QEMU_LOG": str(self.log)}
+        return run_reconcile(self.state_dir, *args, env=env, check=check)
 
     def once(self, *, qemu: str = "", check: int | None = None) -> Run:
         return self.run("--once", self.manifests, qemu=qemu, check=check)

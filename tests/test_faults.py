@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from conftest import (
     alive,
     pid_of,
     record,
+    run_reconcile,
     serial,
     status_rows,
     type_on_console,
@@ -39,16 +38,8 @@ pytestmark = pytest.mark.qemu
 def cli(state_dir: Path, *args: str | Path, fault: str | None = None,
         check: int | None = None) -> Run:
     """`reconcile ARGS` on state_dir; with fault, it SIGKILLs itself at that point."""
-    env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
-    env.pop("RECONCILER_FAULT", None)
-    if fault is not None:
-        env["RECONCILER_FAULT"] = fault
-    proc = subprocess.run([sys.executable, "-m", "reconciler", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    result = Run(proc.returncode, proc.stdout, proc.stderr)
-    if check is not None:
-        assert result.code == check, str(result)
-    return result
+    env = {"RECONCILER_FAULT": fault} if fault is not None else {}
+    return run_reconcile(state_dir, *args, env=env, check=check)
 
 
 def qemus(state_dir: Path, name: str) -> list[int]:

@@ -13,13 +13,20 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Run, alive, pid_of, vm_manifest, wait_for, wait_for_serial
+from conftest import (
+    Daemon,
+    Run,
+    alive,
+    pid_of,
+    run_reconcile,
+    vm_manifest,
+    wait_for,
+    wait_for_serial,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -38,10 +45,7 @@ class World:
         (self.vms / "b.yaml").write_text(self.b_text)
 
     def run(self, *args: str | Path) -> Run:
-        env = dict(os.environ, RECONCILER_STATE_DIR=str(self.state))
-        proc = subprocess.run([sys.executable, "-m", "reconciler", *map(str, args)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        return Run(proc.returncode, proc.stdout, proc.stderr)
+        return run_reconcile(self.state, *args)
 
     def restore_b(self) -> None:
         b = self.vms / "b.yaml"
