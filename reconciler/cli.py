@@ -90,7 +90,7 @@ def _main_parser() -> argparse.ArgumentParser:
         description="Converge the QEMU VMs running on this host with YAML manifests.",
         epilog="other commands: reconcile {status,validate,schema,down,console} --help",
     )
-    parser.add_argument("path", type=Path, help="a manifest file or directory")
+    parser.add_argument("path", help="a manifest file or directory")
     parser.add_argument("--once", action="store_true",
                         help="reconcile once and exit (default: keep converging as a daemon)")
     parser.add_argument("--check", action="store_true",
@@ -180,9 +180,10 @@ def _dispatch(argv: list[str]) -> int:
     parser = _main_parser()
     args = parser.parse_args(rest)
     vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
-    if str(args.path) in SUBCOMMANDS:  # `reconcile --once status`: say what is meant
+    if args.path in SUBCOMMANDS:  # `reconcile --once status`: say what is meant
         parser.error(f"'{args.path}' is a command, not a manifest path; "
                      f"for a directory of that name write ./{args.path}")
+    args.path = Path(args.path)
     if args.once or args.check:  # a check is always a single pass
         _logging(args.verbose, debug=args.debug)
         return _once(args)

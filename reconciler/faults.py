@@ -11,6 +11,7 @@ The points, in the order a VM's life meets them:
     before-spawn    the start record (intent) is written, QEMU is not yet spawned
     after-spawn     QEMU is spawned, its pid is not yet in the record
     mid-terminate   the power button was pressed, the VM has not ended yet
+    mid-save        QMP migrate to the save file has begun, nothing is recorded yet
     after-save      the saved state is complete and recorded, QEMU not yet quit
     mid-restore     the restoring QEMU is spawned, its saved state not yet loaded
     after-restore   the saved state has loaded, the guest is not yet resumed
@@ -22,8 +23,8 @@ import os
 import signal
 
 ENV = "RECONCILER_FAULT"
-POINTS = frozenset({"before-spawn", "after-spawn", "mid-terminate", "after-save",
-                    "mid-restore", "after-restore"})
+POINTS = frozenset({"before-spawn", "after-spawn", "mid-terminate", "mid-save",
+                    "after-save", "mid-restore", "after-restore"})
 
 
 def hit(point: str) -> None:

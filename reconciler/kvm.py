@@ -193,7 +193,8 @@ async def qmp(paths: VMPaths, *, timeout: float = QMP_TIMEOUT) -> AsyncIterator[
     except (QMPError, OSError, TimeoutError) as err:
         with contextlib.suppress(Exception):
             await client.disconnect()
-        raise ControlError(f"cannot connect to QMP at {paths.qmp}: {err or 'timed out'}") from err
+        why = str(err) or "timed out"
+        raise ControlError(f"cannot connect to QMP at {paths.qmp}: {why}") from err
     try:
         yield client
     finally:
@@ -208,7 +209,7 @@ async def execute(paths: VMPaths, command: str, arguments: dict[str, Any] | None
         try:
             return await asyncio.wait_for(client.execute(command, arguments), QMP_TIMEOUT)
         except (QMPError, OSError, TimeoutError) as err:
-            raise ControlError(f"QMP {command} failed: {err or 'timed out'}") from err
+            raise ControlError(f"QMP {command} failed: {str(err) or 'timed out'}") from err
 
 
 async def query_status(paths: VMPaths) -> str:
@@ -295,9 +296,9 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     # Under the state dir's lock no other start runs, and the pass has looked for an
     # orphan already (observe): its pidfile is the last thing to check.
     if (running := find_qemu(paths, scan=False)) is not None:
-        raise LaunchError(f"vm '{vm.name}': a QEMU for it already runs (pid {running[0]}); "
-                          "it is adopted, not started twice", argv=[], exit_code=None,
-                          output="")
+        raise LaunchError(f"vm '{vm.name}': a QEMU for it already runs (pid {running[0]}) "
+                          "that its record does not name; not started twice", argv=[],
+                          exit_code=None, output="")
     try:
         serial_offset = paths.serial_log.stat().st_size
         os.chmod(paths.serial_log, 0o600)  # the console may show a root shell
@@ -500,6 +501,17 @@ SAVE_POLL = 0.02
 SAVE_BANDWIDTH = 100 * 1024**3  # bytes/s: no cap
 
 
+def partial_of(target: Path) -> Path:
+    """Where a save writes until it is complete (then renamed to target)."""
+    return target.with_name(f".{target.name}.partial")
+
+
+async def migration_status(paths: VMPaths) -> str:
+    """QMP `query-migrate`'s status: none, active, completed, failed, cancelled, ..."""
+    info = await execute(paths, "query-migrate")
+    return str(info.get("status", "none")) if isinstance(info, dict) else "none"
+
+
 async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float = 600.0
                ) -> float:
     """Write the VM's memory and device state to target, then end QEMU; the seconds taken.
@@ -509,7 +521,7 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
     not touched.
     """
     began = time.monotonic()
-    partial = target.with_name(f".{target.name}.partial")
+    partial = partial_of(target)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         async with qmp(paths) as client:
@@ -523,6 +535,7 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
                                      {"max-bandwidth": SAVE_BANDWIDTH})
                 await client.execute("stop")
                 await client.execute("migrate", {"uri": "fd:saved-state"})
+                faults.hit("mid-save")
                 await _migration_done(client, timeout=timeout)
             except Exception as err:  # the guest goes on as it was
                 with contextlib.suppress(Exception):

@@ -162,6 +162,8 @@ async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float) 
                 acted = True
             elif vm.interrupted is Interrupted.RESTORE:
                 acted |= await _finish_restore(state, vm, now=now)
+            elif vm.qmp_status == "postmigrate":  # killed between migrate and record
+                acted |= await _finish_save(state, vm)
         except (kvm.DriverError, OSError) as err:
             log.warning("vm '%s': cannot finish an interrupted step: %s", vm.name, err)
     return acted
@@ -187,6 +189,35 @@ async def _finish_restore(state: StateDir, vm: ObservedVM, *, now: float) -> boo
     await kvm.quit_qemu(record, paths)
     log.warning("vm '%s': an interrupted restore did not load in %.0fs; QEMU ended, "
                 "%s kept", vm.name, timeout, saved)
+    return True
+
+
+async def _finish_save(state: StateDir, vm: ObservedVM) -> bool:
+    """A save cut short after QMP `migrate` began: keep it if complete, else undo it."""
+    record, paths = vm.record, state.paths(vm.name)
+    partial = kvm.partial_of(paths.saved_state)
+    status = await kvm.migration_status(paths)
+    if status in ("active", "setup", "pre-switchover", "device"):
+        return False  # still writing: the next pass looks again
+    if status == "completed" and partial.is_file():
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, paths.saved_state)
+        state.update(vm.name, record.pid, saved=str(paths.saved_state), saved_pid=record.pid,
+                     stopping=True)
+        how = await kvm.quit_qemu(record, paths)
+        log.warning("vm '%s': finished an interrupted save to %s: QEMU %s", vm.name,
+                    paths.saved_state, how)
+        return True
+    # Not complete (or its file is gone): as if never asked; the plan asks again.
+    partial.unlink(missing_ok=True)
+    await kvm.unpause(paths)
+    state.update(vm.name, record.pid, stopping=False)
+    log.warning("vm '%s': an interrupted save did not complete (%s); the guest resumes",
+                vm.name, status)
     return True
 
 
@@ -439,7 +470,10 @@ async def terminate(state: StateDir, record: Record, *, timeout: float | None,
     if timeout is None:
         timeout = float(record.spec.get("stop_timeout", 30))
     state.update(record.name, record.pid, stopping=True)
-    how = await kvm.terminate(record, state.paths(record.name), timeout=timeout)
+    if record.saved:  # a saved or restoring QEMU: its guest must not run again
+        how = await kvm.quit_qemu(record, state.paths(record.name))
+    else:
+        how = await kvm.terminate(record, state.paths(record.name), timeout=timeout)
     await asyncio.to_thread(network.unplug, record)
     return how
 
@@ -557,8 +591,13 @@ async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
 
 
 async def down(state: StateDir) -> list[tuple[str, str]]:
-    """Terminate every managed VM gracefully (vmd's vmm_shutdown); records are kept."""
+    """Terminate every managed VM gracefully (vmd's vmm_shutdown); records are kept.
+
+    A save or restore cut short is finished first, so no saved guest runs again.
+    """
     seen, _ = await observe(state, kvm.query_status, now=time.time())
+    if await _recover(state, seen, now=time.time()):
+        seen, _ = await observe(state, kvm.query_status, now=time.time())
 
     async def one(vm: ObservedVM) -> tuple[str, str]:
         if vm.status is Status.EXITED:

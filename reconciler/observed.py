@@ -164,7 +164,9 @@ class VMPaths:
 
 class StateDir:
     def __init__(self, root: Path) -> None:
-        self.root = root.absolute()
+        # Resolved: one state dir has one spelling, in records and in QEMU's argv, so
+        # an orphan QEMU is recognised whichever way the dir was named (../state, a link).
+        self.root = root.resolve()
         self.vms_dir = self.root / "vms"
         if len(str(self.paths("x").serial)) > MAX_SOCKET_PATH:
             raise StateDirError(
@@ -179,8 +181,9 @@ class StateDir:
     def locked(self) -> Iterator[None]:
         """Hold the state dir's lock: one reconciler at a time."""
         try:
-            self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.root, 0o700)  # records, consoles and sockets: root's only
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # an existing dir
+            self.vms_dir.mkdir(exist_ok=True, mode=0o700)  # (/tmp, ~) keeps its mode
+            os.chmod(self.vms_dir, 0o700)  # records, consoles and sockets: root's only
             fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise StateDirError(f"cannot use state dir {self.root}: {err.strerror}") from err
@@ -209,6 +212,8 @@ class StateDir:
         if not self.vms_dir.is_dir():
             return found, problems
         for entry in sorted(self.vms_dir.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # not a VM's directory (.DS_Store, an editor's backup, ...)
             path = VMPaths(entry).record
             try:
                 found[entry.name] = Record.from_json(path.read_text())
@@ -344,18 +349,23 @@ def open_pidfd(record: Record) -> int | None:
     return pidfd
 
 
-def runs_vm(pid: int, paths: VMPaths) -> bool:
-    """Whether live process pid is the QEMU of this VM in this state dir (by its argv)."""
+def runs_vm(pid: int, paths: VMPaths) -> int | None:
+    """The start time of pid if it is the live QEMU of this VM in this state dir.
+
+    Known by its argv (`-name guest=NAME` and this VM's QMP socket), read between two
+    reads of its start time, so a pid reused meanwhile is never taken for the VM.
+    """
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return False
+        return None
     qmp = f"path={str(paths.qmp).replace(',', ',,')},".encode(errors="surrogateescape")
     if not any(qmp in arg for arg in args):
-        return False
+        return None
     name = f"guest={paths.dir.name}".encode()
-    named = any(arg == name or arg.startswith(name + b",") for arg in args)
-    return named and process_start_time(pid) is not None
+    if not any(arg == name or arg.startswith(name + b",") for arg in args):
+        return None
+    return process_start_time(pid)
 
 
 def find_qemu(paths: VMPaths, *, scan: bool = True) -> tuple[int, int] | None:
@@ -371,10 +381,11 @@ def find_qemu(paths: VMPaths, *, scan: bool = True) -> tuple[int, int] | None:
         with contextlib.suppress(OSError):
             candidates += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
     for pid in candidates:
-        if pid != os.getpid() and runs_vm(pid, paths):
-            start = process_start_time(pid)
-            if start is not None:
-                return pid, start
+        if pid == os.getpid():
+            continue
+        before = process_start_time(pid)
+        if before is not None and runs_vm(pid, paths) == before:
+            return pid, before
     return None
 
 
@@ -491,6 +502,24 @@ def status_from_qmp(qmp_status: str) -> Status:
     return Status.RUNNING if qmp_status == "running" else Status.PAUSED
 
 
+def _recordless_qemus(state: StateDir, known: set[str]) -> dict[str, str]:
+    """VMs whose directory has no record but whose QEMU runs: held, never twinned."""
+    held: dict[str, str] = {}
+    if not state.vms_dir.is_dir():
+        return held
+    for entry in state.vms_dir.iterdir():
+        if entry.name in known or entry.name.startswith(".") or not entry.is_dir():
+            continue
+        paths = VMPaths(entry)
+        if paths.record.exists():
+            continue  # unreadable: records() said so
+        if (found := find_qemu(paths)) is not None:
+            held[entry.name] = (f"vm '{entry.name}': QEMU pid {found[0]} runs but "
+                                f"{paths.record} is missing; it is left alone (stop it, "
+                                "e.g. with kill, to let the reconciler start the VM)")
+    return held
+
+
 # QMP silent for this many passes in a row, or this long, makes a VM `unresponsive`.
 UNRESPONSIVE_PASSES = 3
 UNRESPONSIVE_AFTER = 30.0
@@ -531,6 +560,7 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> 
     not name it (a start killed between spawn and record) is found and adopted.
     """
     records, problems = state.records()
+    problems.update(await asyncio.to_thread(_recordless_qemus, state, set(records)))
 
     async def one(record: Record) -> ObservedVM:
         paths = state.paths(record.name)

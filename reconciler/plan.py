@@ -29,6 +29,8 @@ BACKOFF_CAP = 300.0
 BACKOFF_RESET_AFTER = 600.0
 # A failed restore is tried again after 5 s, doubling up to 5 min (its file is kept).
 RESTORE_BACKOFF_FIRST = 5.0
+# A save or restore cut short and still in progress is looked at again this soon.
+INTERRUPTED_RETRY = 1.0
 
 
 class Kind(StrEnum):
@@ -153,7 +155,10 @@ def describe(seen: ObservedVM, *, now: float) -> str:
     gone = seen.exit
     if gone is None or gone.requested:
         return "stopped"
-    policy = Restart(seen.record.spec.get("restart", Restart.ALWAYS))
+    try:
+        policy = Restart(seen.record.spec.get("restart", Restart.ALWAYS))
+    except ValueError:  # a record from another version: the default policy
+        policy = Restart.ALWAYS
     if gone.reason is ExitReason.POWEROFF and policy is not Restart.ALWAYS:
         return "stopped"
     if gone.reason.failure and policy is Restart.NEVER:
@@ -195,6 +200,13 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
         if vm.state is State.SAVED:
             return Action(Kind.NONE, name, "saved as desired")
         return Action(Kind.NONE, name, f"stopped; its saved state is kept ({seen.detail})")
+    # A save or restore cut short (the reconciler was killed) that the loop could not
+    # finish yet: the guest must not run (its memory image would go stale), so nothing
+    # else happens to it until it is finished.
+    if seen.interrupted is not None:
+        return Action(Kind.NONE, name, f"an interrupted {seen.interrupted} is being "
+                      f"finished ({seen.detail or 'QMP status ' + seen.qmp_status})",
+                      problem=True, retry_at=now + INTERRUPTED_RETRY)
     # Declared stopped or saved, but running or paused.
     if vm.state is State.STOPPED:
         return Action(Kind.TERMINATE, name, f"{seen.status} but declared stopped")
@@ -205,7 +217,9 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
     if seen.record.spec_hash != vm.spec_hash():
         summary = "; ".join(changes) or "spec changed"
         if vm.on_change is OnChange.DEFER:
-            return Action(Kind.NONE, name, f"restart required ({summary}); on_change: defer")
+            silent = "" if seen.qmp_answered else f"; {seen.detail}"
+            return Action(Kind.NONE, name, f"restart required ({summary}); on_change: "
+                          f"defer{silent}", problem=not seen.qmp_answered)
         return Action(Kind.RESTART, name, f"spec changed: {summary}")
     # QMP does not answer: its run state is unknown, and it is not "ok".
     if not seen.qmp_answered:

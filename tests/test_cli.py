@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,3 +111,29 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_debug(
     with pytest.raises(SystemExit):
         cli.main(["schema", "--debug"])
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_directory_named_like_a_subcommand_is_reached_with_dot_slash(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    (tmp_path / "status").mkdir()
+    (tmp_path / "status" / "a.yaml").write_text("name: a\nboot: {kernel: missing}\n")
+    proc = subprocess.run([sys.executable, "-m", "reconciler", "--once", "--check",
+                           "./status"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "RECONCILER_STATE_DIR": str(state_dir)})
+    assert proc.returncode == 1 and "boot.kernel: file not found" in proc.stderr, proc
+
+
+def test_an_existing_state_dir_keeps_its_own_mode(tmp_path: Path, reconcile: Reconcile
+                                                  ) -> None:
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o1777)
+    (tmp_path / "a.yaml").write_text("name: a\nstate: stopped\nboot: {kernel: k}\n")
+    (tmp_path / "k").write_text("kernel")
+    run = reconcile("--once", tmp_path / "a.yaml", "--state-dir", shared)
+    assert run.code == 0, run
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "vms").stat().st_mode) == 0o700

@@ -8,6 +8,7 @@ it but SIGKILL, a record that cannot be read and a restore that fails are quick 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import fake_qemu
 import pytest
-from conftest import Run, alive, pid_of, run_reconcile, vm_manifest
+from conftest import Run, alive, pid_of, run_reconcile, vm_manifest, wait_for
 
 from reconciler import kvm
 
@@ -38,11 +39,12 @@ class Fake:
         path.write_text(vm_manifest(name, self.guest, **fields))
         return path
 
-    def run(self, *args: str | Path, qemu: str = "", check: int | None = None) -> Run:
-        """`reconcile ARGS` with FAKE_QEMU=qemu for the fakes it starts."""
-        env = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-               "FAKE_QEMU": qemu, "FAKE_QEMU_LOG": str(self.log)}
-        return run_reconcile(self.state_dir, *args, env=env, check=check)
+    def run(self, *args: str | Path, qemu: str = "", check: int | None = None,
+            env: dict[str, str] | None = None) -> Run:
+        """`reconcile ARGS` with FAKE_QEMU=qemu for the fakes it starts (and env)."""
+        full = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                "FAKE_QEMU": qemu, "FAKE_QEMU_LOG": str(self.log), **(env or {})}
+        return run_reconcile(self.state_dir, *args, env=full, check=check)
 
     def once(self, *, qemu: str = "", check: int | None = None) -> Run:
         return self.run("--once", self.manifests, qemu=qemu, check=check)
@@ -266,3 +268,96 @@ def test_a_restore_slower_than_its_timeout_fails_and_keeps_the_saved_state(
     assert vm_text(run, "sv").startswith("failed"), run
     assert kvm.LAUNCH_TIMEOUT <= took < 40, f"took {took:.1f}s"
     assert saved.exists() and fake.live() == []
+
+
+# --- saves and restores cut short (found by trying to break them) ---------------
+
+def record_of(state_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads((state_dir / "vms" / name / "record.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_a_restore_still_loading_after_a_kill_is_never_resumed_early(
+    fake: Fake, saved: Path, state_dir: Path
+) -> None:
+    fake.declare("sv")
+    killed = fake.run("--once", fake.manifests, qemu="slow-incoming=3",
+                      env={"RECONCILER_FAULT": "mid-restore"})
+    assert killed.code == -9, killed
+    (pid,) = fake.live()
+    # Still loading: left alone, the guest is not resumed, the record keeps the file.
+    run = fake.once()
+    assert run.code == 1 and "interrupted restore" in vm_text(run, "sv"), run
+    assert "cont" not in fake.commands(pid)
+    assert record_of(state_dir, "sv")["saved"] == str(saved) and saved.exists()
+    # Loaded: the record lets go of the file first, then the guest resumes.
+    wait_for(lambda: fake.once().code == 0, timeout=30, what="the restore finished")
+    assert record_of(state_dir, "sv")["saved"] is None and not saved.exists()
+    assert fake.live() == [pid] and fake.commands(pid)[-1] == "cont"
+
+
+def test_down_after_a_killed_save_quits_qemu_and_keeps_the_state(
+    fake: Fake, state_dir: Path
+) -> None:
+    fake.declare("sv")
+    fake.once(check=0)
+    pid = pid_of(state_dir, "sv")
+    fake.declare("sv", state="saved")
+    killed = fake.run("--once", fake.manifests, env={"RECONCILER_FAULT": "after-save"})
+    assert killed.code == -9, killed
+    down = fake.run("down")
+    assert down.code == 0, down
+    assert "system_powerdown" not in fake.commands(pid) and "cont" not in fake.commands(pid)
+    assert fake.live() == [] and saved_file(state_dir, "sv").exists()
+    fake.declare("sv")
+    run = fake.once(check=0)
+    assert "restored from" in vm_text(run, "sv"), run
+
+
+def test_a_save_killed_after_migrate_began_is_finished_not_stuck(
+    fake: Fake, state_dir: Path
+) -> None:
+    fake.declare("sv")
+    fake.once(check=0)
+    fake.declare("sv", state="saved")
+    killed = fake.run("--once", fake.manifests, env={"RECONCILER_FAULT": "mid-save"})
+    assert killed.code == -9, killed
+    run = fake.once(check=0)
+    assert "saved as desired" in vm_text(run, "sv"), run
+    assert "finished an interrupted save" in run.err, run
+    assert saved_file(state_dir, "sv").read_bytes().startswith(fake_qemu.SAVED_MAGIC)
+    assert fake.live() == []
+
+
+def test_one_state_dir_spelled_two_ways_never_runs_a_vm_twice(
+    fake: Fake, tmp_path: Path, state_dir: Path
+) -> None:
+    state_dir.mkdir()
+    link = tmp_path / "state-link"
+    link.symlink_to(state_dir)
+    fake.declare("tw")
+    killed = fake.run("--once", fake.manifests, "--state-dir", link,
+                      env={"RECONCILER_FAULT": "after-spawn"})
+    assert killed.code == -9, killed
+    run = fake.once(check=0)  # the same dir, by its real path
+    assert len(fake.live()) == 1 and len(fake.starts()) == 1, run
+
+
+def test_a_live_qemu_whose_record_is_missing_is_held_not_twinned(
+    fake: Fake, state_dir: Path
+) -> None:
+    fake.declare("mr")
+    fake.once(check=0)
+    (state_dir / "vms" / "mr" / "record.json").unlink()
+    (state_dir / "vms" / "mr" / "qemu.pid").unlink()
+    run = fake.once()
+    assert run.code == 1 and "record.json is missing" in run.err, run
+    assert len(fake.live()) == 1 and len(fake.starts()) == 1
+
+
+def test_a_stray_file_in_the_state_dir_is_not_a_vm(fake: Fake, state_dir: Path) -> None:
+    fake.declare("ok")
+    fake.once(check=0)
+    (state_dir / "vms" / ".DS_Store").write_text("")
+    (state_dir / "vms" / "notes.txt").write_text("")
+    run = fake.once(check=0)
+    assert "unreadable" not in run.err, run

@@ -278,3 +278,35 @@ def test_a_failed_restore_backs_off_and_keeps_its_file() -> None:
     # A save's own exit (asked for) is no failure: restored at once.
     asked = replace(saved, record=replace(saved.record, exit=replace(failed, requested=True)))
     assert plan({"web": vm()}, {"web": asked}, now=100.5)[0].kind is Kind.RESTORE
+
+
+def test_a_deferred_change_on_a_silent_qemu_is_still_a_problem() -> None:
+    from dataclasses import replace
+
+    silent = replace(seen(vm(memory="256M")), qmp_answered=False, detail="QMP not answering")
+    action = one(vm(memory="512M", on_change="defer"), silent)
+    assert action.kind is Kind.NONE and action.problem and "QMP not answering" in action.reason
+
+
+def test_an_interrupted_save_or_restore_is_never_acted_on_until_finished() -> None:
+    from dataclasses import replace
+
+    from reconciler.observed import Interrupted
+
+    for state in ("running", "stopped", "paused"):
+        half = replace(seen(vm(), Status.PAUSED), interrupted=Interrupted.RESTORE,
+                       qmp_status="inmigrate")
+        action = plan({"web": vm(state=state)}, {"web": half}, now=10.0)[0]
+        assert action.kind is Kind.NONE and action.problem and action.retry_at == 11.0
+
+
+def test_a_record_from_another_version_does_not_break_status() -> None:
+    from dataclasses import replace
+
+    from reconciler.observed import Exit, ExitReason
+    from reconciler.plan import describe
+
+    gone = seen(vm(), Status.EXITED)
+    odd = replace(gone.record, spec={**gone.record.spec, "restart": "sometimes"})
+    gone = replace(gone, record=odd, exit=Exit(ExitReason.CRASHED, "x", 1.0))
+    assert describe(gone, now=100.0) == "exited"
