@@ -131,3 +131,24 @@ def test_firmware_boot_from_a_disk_marks_the_first_disk(tmp_path: Path) -> None:
     argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False)
     (device,) = [json.loads(v) for v in value_after(argv, "-device") if v.startswith("{")]
     assert device["bootindex"] == 1 and device["drive"] == "disk0"
+
+
+def test_waiting_zero_seconds_on_an_ended_process_says_it_ended() -> None:
+    """`_wait_exit(pidfd, 0)` is a poll: on Python 3.11, wait_for(..., 0) never ran the
+    reader callback, so an ended process looked alive."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from reconciler.kvm import _wait_exit
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as proc:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            assert asyncio.run(_wait_exit(pidfd, 0)) is False
+            proc.kill()
+            proc.wait()
+            assert asyncio.run(_wait_exit(pidfd, 0)) is True
+        finally:
+            os.close(pidfd)
