@@ -289,7 +289,7 @@ def _status(args: argparse.Namespace) -> int:
 
     state = _state(args)
     now = time.time()
-    seen, problems = asyncio.run(observe(state, kvm.query_status, now=now))
+    seen, problems = asyncio.run(observe(state, kvm.query_status, now=now, a_pass=False))
     rows: list[dict[str, Any]] = []
     for name, vm in sorted(seen.items()):
         spec, record = vm.record.spec, vm.record

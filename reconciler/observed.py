@@ -551,10 +551,12 @@ class ObservedVM:
 QueryStatus = Callable[[VMPaths], Awaitable[str]]
 
 
-async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> tuple[
-    dict[str, ObservedVM], dict[str, str]
-]:
+async def observe(state: StateDir, query_status: QueryStatus, *, now: float,
+                  a_pass: bool = True) -> tuple[dict[str, ObservedVM], dict[str, str]]:
     """Every managed VM with its status, and (by name) the VMs whose record is unreadable.
+
+    `a_pass`: this is a reconcile pass, so a QMP that does not answer now counts as one
+    more silent pass (`status` only looks: it counts the passes recorded).
 
     Problems are reported, not raised. A QEMU that runs for a VM whose record does
     not name it (a start killed between spawn and record) is found and adopted.
@@ -586,7 +588,7 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float) -> 
             qmp_status = await query_status(paths)
         except Exception as err:  # a live VM whose QMP fails is still there
             since = record.qmp_silent_since or now
-            passes = record.qmp_failures + 1
+            passes = record.qmp_failures + a_pass
             silent = passes >= UNRESPONSIVE_PASSES or now - since >= UNRESPONSIVE_AFTER
             detail = (f"unresponsive: QMP has not answered for {now - since:.0f}s "
                       f"({passes} passes): {err}" if silent
