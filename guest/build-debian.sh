@@ -18,7 +18,8 @@
 #   - kernel linux-image-cloud-amd64; initramfs with virtio_blk/virtio_pci/ext4
 #   - /etc/fstab: /dev/vda / ext4 defaults 0 1
 #   - serial getty via console=ttyS0 (systemd-getty-generator)
-#   - cloud-init with datasource_list [ NoCloud, None ], locale: false
+#   - cloud-init with datasource_list [ NoCloud, None ]; module 'locale'
+#     removed (minbase has no 'locales' package)
 #   - qemu-guest-agent (started by udev when its virtio-serial port exists)
 #   - root account locked (no password); log in via cloud-init users/keys
 #   - empty /etc/machine-id, no ssh host keys (generated on first boot)
@@ -239,9 +240,11 @@ EOF
 cat > "$ROOTFS/etc/cloud/cloud.cfg.d/90_reconciler.cfg" <<'EOF'
 # reconciler test image: NoCloud (seed ISO / kernel cmdline), else None.
 datasource_list: [ NoCloud, None ]
-# minbase has no 'locales' package: skip cc_locale unless user-data asks.
-locale: false
 EOF
+# minbase has no 'locales' package, so cc_locale would fail on every boot
+# ('locale: false' works but fails cloud-init's schema check): drop it.
+sed -i '/^ *- locale$/d' "$ROOTFS/etc/cloud/cloud.cfg"
+! grep -q '^ *- locale$' "$ROOTFS/etc/cloud/cloud.cfg" || die "could not disable cc_locale"
 
 # Networking via ifupdown (cloud-init renders ENI into interfaces.d).
 if ! grep -qs '^source /etc/network/interfaces.d/' "$ROOTFS/etc/network/interfaces"; then
