@@ -8,7 +8,6 @@ it but SIGKILL, a record that cannot be read and a restore that fails are quick 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import fake_qemu
 import pytest
-from conftest import Run, alive, pid_of, run_reconcile, vm_manifest, wait_for
+from conftest import Run, alive, pid_of, record, run_reconcile, vm_manifest, wait_for
 
 from reconciler import kvm
 
@@ -66,8 +65,8 @@ def fake(tmp_path: Path, state_dir: Path, guest: Path) -> Iterator[Fake]:
     yield f
     # Before state_dir's own teardown, which reads every record: leave none it cannot.
     fake_qemu.kill_all(f.live())
-    for record in state_dir.glob("vms/*/record.json"):
-        record.unlink()
+    for path in state_dir.glob("vms/*/record.json"):
+        path.unlink()
 
 
 def vm_text(run: Run, name: str) -> str:
@@ -272,10 +271,6 @@ def test_a_restore_slower_than_its_timeout_fails_and_keeps_the_saved_state(
 
 # --- saves and restores cut short (found by trying to break them) ---------------
 
-def record_of(state_dir: Path, name: str) -> dict[str, Any]:
-    return json.loads((state_dir / "vms" / name / "record.json").read_text())  # type: ignore[no-any-return]
-
-
 def test_a_restore_still_loading_after_a_kill_is_never_resumed_early(
     fake: Fake, saved: Path, state_dir: Path
 ) -> None:
@@ -288,10 +283,10 @@ def test_a_restore_still_loading_after_a_kill_is_never_resumed_early(
     run = fake.once()
     assert run.code == 1 and "interrupted restore" in vm_text(run, "sv"), run
     assert "cont" not in fake.commands(pid)
-    assert record_of(state_dir, "sv")["saved"] == str(saved) and saved.exists()
+    assert record(state_dir, "sv")["saved"] == str(saved) and saved.exists()
     # Loaded: the record lets go of the file first, then the guest resumes.
     wait_for(lambda: fake.once().code == 0, timeout=30, what="the restore finished")
-    assert record_of(state_dir, "sv")["saved"] is None and not saved.exists()
+    assert record(state_dir, "sv")["saved"] is None and not saved.exists()
     assert fake.live() == [pid] and fake.commands(pid)[-1] == "cont"
 
 
