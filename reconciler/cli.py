@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
-SUBCOMMANDS = ("status", "validate", "schema", "down", "console")
+SUBCOMMANDS = ("status", "validate", "schema", "down", "console", "ssh")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +88,7 @@ def _main_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="reconcile",
         description="Converge the QEMU VMs running on this host with YAML manifests.",
-        epilog="other commands: reconcile {status,validate,schema,down,console} --help",
+        epilog="other commands: reconcile {status,validate,schema,down,console,ssh} --help",
     )
     parser.add_argument("path", help="a manifest file or directory")
     parser.add_argument("--once", action="store_true",
@@ -127,6 +127,14 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
     elif command == "console":
         parser.description = "Attach to a VM's serial console (detach with ~.)."
         parser.add_argument("name")
+    elif command == "ssh":
+        parser.description = ("ssh to a VM's address as its cloud_init user, its host key "
+                              "pinned; anything after -- is the remote command.")
+        parser.usage = "reconcile ssh [-l USER] [-i KEY] NAME [-- COMMAND...]"
+        parser.add_argument("name")
+        parser.add_argument("-l", "--login", metavar="USER",
+                            help="log in as USER (default: cloud_init.user)")
+        parser.add_argument("-i", "--identity", metavar="KEY", help="ssh's -i")
     elif command == "schema":
         parser.description = "Print the JSON Schema of a VM manifest (for editors)."
     return parser
@@ -168,15 +176,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _dispatch(argv: list[str]) -> int:
     # Global options may come before or after the subcommand; the first word left is
     # the subcommand if it names one (a directory called `status` is `./status`).
+    # After `--` nothing is ours: it is `reconcile ssh`'s remote command.
+    tail: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1:]
     options, rest = _globals_parser().parse_known_args(argv)
     if rest and rest[0] in SUBCOMMANDS:
         command = rest[0]
+        if tail and command != "ssh":
+            rest = [*rest, "--", *tail]
         args = _sub_parser(command).parse_args(rest[1:])
+        args.command = tail
         vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
         _logging(args.verbose, debug=args.debug)
         handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down,
-                   "console": _console}
+                   "console": _console, "ssh": _ssh}
         return handler[command](args)
+    if tail:
+        rest = [*rest, "--", *tail]
     parser = _main_parser()
     args = parser.parse_args(rest)
     vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
@@ -284,35 +302,43 @@ def _status(args: argparse.Namespace) -> int:
     import time
 
     from reconciler import kvm
-    from reconciler.observed import Status, observe
+    from reconciler.loop import look
+    from reconciler.observed import Status
     from reconciler.plan import describe
 
     state = _state(args)
     now = time.time()
-    seen, problems = asyncio.run(observe(state, kvm.query_status, now=now, a_pass=False))
+    seen, addresses, problems = asyncio.run(look(state, now=now))
     rows: list[dict[str, Any]] = []
     for name, vm in sorted(seen.items()):
         spec, record = vm.record.spec, vm.record
+        alive = vm.status in (Status.RUNNING, Status.PAUSED)
         rows.append({
             "name": name, "state": describe(vm, now=now),
-            "pid": record.pid if vm.status in (Status.RUNNING, Status.PAUSED) else None,
+            "pid": record.pid if alive else None,
             "vcpus": spec.get("vcpus"), "memory": f"{spec.get('memory')}M",
             "accel": record.accel, "restarts": record.restarts, "reboots": record.reboots,
             "managed": True, "source": record.source,
-            "exit": vm.exit.reason.value if vm.exit else None, "detail": vm.detail,
+            "exit": vm.exit.reason.value if vm.exit else None,
+            "addresses": [a.to_json() for a in addresses.get(name, [])],
+            "detail": vm.detail or vm.ready_detail.split("\n", 1)[0],
         })
     live = {vm.record.pid for vm in seen.values() if vm.status in (Status.RUNNING, Status.PAUSED)}
     for pid, cmd in kvm.unmanaged_qemu(live):
         rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
                      "memory": None, "accel": None, "restarts": None, "reboots": None,
-                     "managed": False, "source": None, "exit": None, "detail": ""})
+                     "managed": False, "source": None, "exit": None, "addresses": [],
+                     "detail": ""})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        header = ("NAME", "STATE", "PID", "VCPUS", "MEMORY", "ACCEL", "RESTARTS", "REBOOTS",
-                  "MANAGED", "DETAIL")
-        keys = ("name", "state", "pid", "vcpus", "memory", "accel", "restarts", "reboots",
-                "managed", "detail")
+        header = ("NAME", "STATE", "PID", "VCPUS", "MEMORY", "ACCEL", "ADDRESS", "RESTARTS",
+                  "REBOOTS", "MANAGED", "DETAIL")
+        keys = ("name", "state", "pid", "vcpus", "memory", "accel", "address", "restarts",
+                "reboots", "managed", "detail")
+        for row in rows:
+            row["address"] = ",".join(dict.fromkeys(a["ipv4"] for a in row["addresses"])) \
+                or None
         table = [header] + [
             tuple("-" if row[k] is None else ("yes" if row[k] is True else
                   "no" if row[k] is False else str(row[k])) for k in keys)
@@ -336,6 +362,53 @@ def _down(args: argparse.Namespace) -> int:
     for name, outcome in results:
         print(f"{name}  {outcome}")
     return 1 if any(o.startswith("failed") for _, o in results) else 0
+
+
+def _ssh(args: argparse.Namespace) -> int:
+    """exec the system ssh to the VM, verifying the host key the reconciler pinned."""
+    from reconciler import probes
+    from reconciler.observed import atomic_write, is_alive
+
+    state = _state(args)
+    records, problems = state.records()
+    record = records.get(args.name)
+    if record is None:
+        why = problems.get(args.name) or f"no VM named '{args.name}' in {state.root}"
+        print(f"reconcile ssh: {why}", file=sys.stderr)
+        return 1
+    if not is_alive(record):
+        print(f"reconcile ssh: vm '{args.name}' is not running (see reconcile status)",
+              file=sys.stderr)
+        return 1
+    found = asyncio.run(probes.addresses(state, record))
+    if not found:
+        print(f"reconcile ssh: vm '{args.name}' has no known address: put it on a "
+              "`mode: local` switch (a static lease) or give it `agent: true`",
+              file=sys.stderr)
+        return 1
+    address, paths = found[0].ipv4, state.paths(args.name)
+    argv = ["ssh"]
+    try:
+        public = paths.host_key.with_suffix(".pub").read_text().split()
+    except OSError:
+        public = []
+    if len(public) >= 2:  # pinned: the first connection is verified, not trusted
+        atomic_write(paths.known_hosts, f"{address} {public[0]} {public[1]}\n")
+        argv += ["-o", f"UserKnownHostsFile={paths.known_hosts}",
+                 "-o", "StrictHostKeyChecking=yes", "-o", "CheckHostIP=no"]
+    else:
+        print(f"reconcile ssh: vm '{args.name}' has no pinned host key (no cloud_init:); "
+              "ssh checks it as usual", file=sys.stderr)
+    user = args.login or (record.spec.get("cloud_init") or {}).get("user")
+    if args.identity:
+        argv += ["-i", args.identity]
+    argv += ["--", f"{user}@{address}" if user else address, *args.command]
+    sys.stdout.flush()
+    try:
+        os.execvp("ssh", argv)
+    except OSError as err:
+        print(f"reconcile ssh: cannot run ssh: {err.strerror}", file=sys.stderr)
+        return 1
 
 
 def _console(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import gc
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import warnings
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -68,6 +70,8 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_DOCUMENTS = 1000  # per file: each is a model to validate
 MAX_ERRORS_PER_FILE = 100  # then one line that says how many more
 MAX_DISKS = 16
+MAX_LOCAL_PREFIX = 29  # a local switch's subnet holds at least the gateway and 5 VMs
+MAX_CLOUD_INIT_FILE = 1 << 20  # user-data, network-config, key files: bytes
 
 
 class State(StrEnum):
@@ -309,13 +313,38 @@ class Interface(BaseModel):
 
 
 class Switch(BaseModel):
-    """One `kind: Switch` document: a Linux bridge."""
+    """One `kind: Switch` document: a Linux bridge, plain L2 or a local network.
+
+    `mode: local` is vmd's `local interface`: the bridge gets the subnet's first
+    address, dnsmasq serves DHCP with a static lease per VM MAC, and with `nat` the
+    subnet is masqueraded to the host's other interfaces (see reconciler.localnet).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["Switch"]
     name: str = Field(pattern=NAME_PATTERN)
     bridge: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,15})?$")
+    mode: Literal["bridge", "local"] = "bridge"
+    subnet: IPv4Network | None = None  # local: default a free /24 of 100.64.0.0/10
+    nat: bool | None = None  # local: default true
+    dns: bool | None = None  # local: default false
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _subnet(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                network = ipaddress.ip_network(value.strip(), strict=True)
+            except ValueError as err:
+                raise ValueError(f"not an IPv4 subnet like 100.64.7.0/24: {err}") from None
+            if not isinstance(network, IPv4Network):
+                raise ValueError(f"{value} is not IPv4; local switches are IPv4 only")
+            if network.prefixlen > MAX_LOCAL_PREFIX:
+                raise ValueError(f"{value} is too small: give at most a "
+                                 f"/{MAX_LOCAL_PREFIX} (room for the gateway and VMs)")
+            return network
+        return value
 
     @model_validator(mode="after")
     def _bridge(self) -> Switch:
@@ -327,20 +356,40 @@ class Switch(BaseModel):
                 raise ValueError(f"bridge name {default!r} would be over 15 characters; "
                                  "give bridge: explicitly")
             object.__setattr__(self, "bridge", default)
+        if self.mode == "bridge":
+            given = [f for f in ("subnet", "nat", "dns") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} go with mode: local (a plain "
+                                 "bridge has no addresses of its own)")
+        else:
+            object.__setattr__(self, "nat", True if self.nat is None else self.nat)
+            object.__setattr__(self, "dns", False if self.dns is None else self.dns)
         return self
+
+    @property
+    def local(self) -> bool:
+        return self.mode == "local"
 
 
 class Ready(BaseModel):
-    """When is the guest up: a regex seen on its serial console within a timeout."""
+    """When is the guest up: every probe given passes within the timeout.
+
+    `serial`: a regex seen on the serial console; `tcp`: a TCP connect from the host to
+    the VM's address succeeds; `agent`: the guest agent answers guest-ping.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    serial: str = Field(max_length=1024)
+    serial: str | None = Field(None, max_length=1024)
+    tcp: int | None = Field(None, ge=1, le=65535)
+    agent: bool = False
     timeout: Seconds = Field(60.0, gt=0, le=24 * 3600)
 
     @field_validator("serial")
     @classmethod
-    def _compiles(cls, value: str) -> str:
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # FutureWarning: possible nested set
@@ -350,6 +399,188 @@ class Ready(BaseModel):
         except (OverflowError, RecursionError) as err:  # a{99999999999}, ((((...
             raise ValueError(f"not a usable regular expression: {err}") from None
         return value
+
+    @model_validator(mode="after")
+    def _some_probe(self) -> Ready:
+        if self.serial is None and self.tcp is None and not self.agent:
+            raise ValueError("give at least one probe: serial: REGEX, tcp: PORT or "
+                             "agent: true")
+        return self
+
+
+USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
+HOSTNAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+
+
+class CloudInitText(ValueError):
+    """user-data that cloud-init would ignore: `line` is within the text itself."""
+
+    def __init__(self, message: str, *, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A file the seed carries (user-data, network-config, keys): bounded, UTF-8."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CLOUD_INIT_FILE + 1)
+    except OSError as err:
+        raise ValueError(f"{what} {clip(str(path))}: {err.strerror}") from None
+    if len(data) > MAX_CLOUD_INIT_FILE:
+        raise ValueError(f"{what} {clip(str(path))} is over {MAX_CLOUD_INIT_FILE} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {clip(str(path))} is not UTF-8 text: {err.reason} "
+                         f"at byte {err.start}") from None
+
+
+class CloudInit(BaseModel):
+    """A NoCloud seed for the guest's cloud-init (built by reconciler.seed at start).
+
+    Secrets: the content of user_data and of the *_file fields is never dumped (not
+    in records, --json, logs): only `digest`, a hash of it, which the reconciler
+    sets, so a change to the content is a hardware change (a new spec hash).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str | None = Field(None, pattern=USER_PATTERN)
+    ssh_authorized_keys: list[str] = Field(default_factory=list, max_length=100)
+    ssh_authorized_keys_file: Path | None = None
+    hostname: str | None = Field(None, pattern=HOSTNAME_PATTERN)
+    user_data: str | None = Field(None, exclude=True, max_length=MAX_CLOUD_INIT_FILE)
+    user_data_file: Path | None = None
+    network_config: dict[str, Any] | None = None
+    network_config_file: Path | None = None
+    meta_data: dict[str, Any] = Field(default_factory=dict)
+    digest: str = Field("", description="set by the reconciler: a hash of the seed's "
+                        "secret content; never written in a manifest")
+    _texts: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("ssh_authorized_keys_file", "user_data_file", "network_config_file")
+    @classmethod
+    def _file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or (info.context or {}).get("from_record"):
+            return value
+        return _resolve_file(value, info)
+
+    @field_validator("ssh_authorized_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for index, key in enumerate(value):
+            if not _looks_like_key(key):
+                raise ValueError(f"entry {index} is not an SSH public key (expected "
+                                 "'ssh-ed25519 AAAA...' or similar)")
+        return value
+
+    @field_validator("meta_data")
+    @classmethod
+    def _meta(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("instance-id", "local-hostname"):
+            if key in value:
+                raise ValueError(f"{key} is set by the reconciler (instance-id follows "
+                                 "the seed's content; use hostname: for local-hostname)")
+        return value
+
+    @model_validator(mode="after")
+    def _contents(self, info: ValidationInfo) -> CloudInit:
+        if (info.context or {}).get("from_record"):
+            return self  # a record's spec: the content stays in the seed it built
+        if self.digest:
+            raise ValueError("digest is set by the reconciler; remove it")
+        for one, other in (("user_data", "user_data_file"),
+                           ("network_config", "network_config_file")):
+            if getattr(self, one) is not None and getattr(self, other) is not None:
+                raise ValueError(f"give {one} or {other}, not both")
+        texts: dict[str, str] = {}
+        if self.user_data is not None:
+            texts["user_data"] = self.user_data
+        if self.user_data_file is not None:
+            texts["user_data"] = _read_text(self.user_data_file, "user_data_file")
+        if self.network_config_file is not None:
+            texts["network_config"] = _read_text(self.network_config_file,
+                                                 "network_config_file")
+        elif self.network_config is not None:
+            texts["network_config"] = yaml.safe_dump(self.network_config, sort_keys=False)
+        if self.ssh_authorized_keys_file is not None:
+            text = _read_text(self.ssh_authorized_keys_file, "ssh_authorized_keys_file")
+            keys = [line.strip() for line in text.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+            bad = [n for n, key in enumerate(keys, 1) if not _looks_like_key(key)]
+            if bad or not keys:
+                where = clip(str(self.ssh_authorized_keys_file))
+                what = f"key {bad[0]} is not an SSH public key" if bad else "no keys in it"
+                raise ValueError(f"ssh_authorized_keys_file {where}: {what}")
+            texts["keys"] = "\n".join(keys)
+        if "user_data" in texts:
+            _check_user_data(texts["user_data"], from_file=self.user_data_file)
+        self._texts = texts
+        digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+        object.__setattr__(self, "digest", digest[:32])
+        return self
+
+    def texts(self) -> dict[str, str]:
+        """The seed's content read from the manifest and its files (secrets included)."""
+        return dict(self._texts)
+
+    def authorized_keys(self) -> list[str]:
+        extra = self._texts.get("keys", "")
+        return [*self.ssh_authorized_keys, *extra.splitlines()] if extra \
+            else list(self.ssh_authorized_keys)
+
+
+_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519", "sk-ecdsa-sha2-",
+              "ssh-dss")
+
+
+def _looks_like_key(key: str) -> bool:
+    parts = key.split()
+    return len(parts) >= 2 and parts[0].startswith(_KEY_TYPES) and \
+        re.fullmatch(r"[A-Za-z0-9+/]+={0,3}", parts[1]) is not None and "\n" not in key
+
+
+def user_data_problem(text: str) -> tuple[int, str] | None:
+    """None for user-data cloud-init uses: `#cloud-config` YAML that parses to a mapping,
+    or a `#!` script; else (line within text, what is wrong). Cloud-init itself would
+    ignore anything else silently."""
+    if len(text.encode()) > MAX_CLOUD_INIT_FILE:
+        return 1, f"user-data is over {MAX_CLOUD_INIT_FILE} bytes"
+    first = text.split("\n", 1)[0].rstrip()
+    if first.startswith("#!"):
+        return None
+    if first != "#cloud-config":
+        return 1, ("user-data must start with '#cloud-config' or '#!' (cloud-init would "
+                   "ignore it silently)")
+    # Bounded like a manifest (depth, alias expansion): the seed builder parses it again.
+    try:
+        nodes = list(compose_documents(text.encode()))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = " ".join(filter(None, [err.context, err.problem]))
+        return (mark.line + 1 if mark else 1), f"YAML syntax error in #cloud-config: {problem}"
+    except (yaml.YAMLError, RecursionError) as err:
+        return 1, f"YAML error in #cloud-config: {clip(str(err))}"
+    if len(nodes) > 1:
+        return nodes[1].start_mark.line + 1, "#cloud-config must be one YAML document"
+    problems = check_document(nodes[0]) if nodes else []
+    if problems:
+        return problems[0].line, f"#cloud-config: {problems[0].message}"
+    data = construct(nodes[0]) if nodes else None
+    if data is not None and not isinstance(data, dict):
+        return 1, "#cloud-config must be a mapping of cloud-init modules"
+    return None
+
+
+def _check_user_data(text: str, *, from_file: Path | None) -> None:
+    problem = user_data_problem(text)
+    if problem is None:
+        return
+    line, message = problem
+    if from_file is not None:
+        raise ValueError(f"user_data_file {clip(str(from_file))}:{line}: {message}")
+    raise CloudInitText(f"user_data line {line}: {message}", line=line)
 
 
 class VM(BaseModel):
@@ -371,6 +602,8 @@ class VM(BaseModel):
     interfaces: list[Interface] = Field(default_factory=list, max_length=8)
     stop_timeout: Seconds = Field(30.0, ge=0, le=3600)
     ready: Ready | None = None
+    agent: bool = False  # a virtio-serial channel for qemu-guest-agent
+    cloud_init: CloudInit | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     # Fields a running VM can follow without a restart; every other field is
@@ -390,7 +623,17 @@ class VM(BaseModel):
             raise ValueError("boot: {device: disk} needs a disk in disks:")
         if self.boot.device == "cdrom" and self.cdrom is None:
             raise ValueError("boot: {device: cdrom} needs cdrom:")
+        if self.ready is not None and self.ready.agent and not self.agent:
+            raise ValueError("ready: {agent: true} needs agent: true on the VM "
+                             "(the guest agent's channel)")
+        if self.ready is not None and self.ready.tcp is not None and not self.interfaces:
+            raise ValueError(f"ready: {{tcp: {self.ready.tcp}}} needs an interface to "
+                             "connect to (interfaces:)")
         return self
+
+    @property
+    def hostname(self) -> str:
+        return (self.cloud_init.hostname if self.cloud_init else None) or self.name
 
     def writable_disks(self) -> list[Path]:
         return [d.path for d in self.disks if not d.readonly]
@@ -423,6 +666,7 @@ class DeclaredSwitch:
     switch: Switch
     file: Path
     line: int
+    subnet_line: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -453,6 +697,7 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     vms: dict[str, Declared] = {}
     switches: dict[str, DeclaredSwitch] = {}
     context = _context(state_dir)
+    context["referenced"] = referenced = set[Path]()  # cloud_init's *_file: data, not VMs
     for path in listing.files:
         data = read_manifest(path, max_bytes=max_bytes)
         if data is None:  # gone since it was listed: as if it had not been there
@@ -477,6 +722,18 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
                 _add_unique(vms, item.vm.name, item, result.errors, kind="vm")
             else:
                 _add_unique(switches, item.switch.name, item, result.errors, kind="switch")
+    # A file a VM's cloud_init reads (user-data, network-config, keys) is data that
+    # happens to sit in the directory, often as *.yaml: never a manifest of its own.
+    if referenced:
+        def is_data(file: Path) -> bool:
+            return Path(os.path.abspath(file)) in referenced
+
+        result.errors = [e for e in result.errors if not is_data(e.file)]
+        vms = {n: d for n, d in vms.items() if not is_data(d.file)}
+        switches = {n: d for n, d in switches.items() if not is_data(d.file)}
+        result.files = [f for f in result.files if not is_data(f)]
+        result.empty = {f for f in result.empty if not is_data(f)}
+    result.errors += _subnet_overlaps(switches, routes=host_routes())
     # A file with any error contributes nothing: its VMs stay exactly as they are.
     # A VM whose switch is missing (or in a broken file) breaks its own file in turn.
     while True:
@@ -527,6 +784,54 @@ def _add_unique(seen: dict[str, Any], name: str, item: Declared | DeclaredSwitch
     errors.append(ManifestError(
         other.file, other.line, f"name declared again at {item.file}:{item.line}",
         vm=name, kind=kind))
+
+
+def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[IPv4Network, str]]:
+    """The IPv4 routes of this network namespace as (destination, device), default
+    route left out."""
+    routes = []
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            dest = int(fields[1], 16).to_bytes(4, "little")
+            mask = int(fields[7], 16).to_bytes(4, "little")
+            network = IPv4Network((int.from_bytes(dest, "big"),
+                                   bin(int.from_bytes(mask, "big")).count("1")), strict=False)
+        except ValueError:
+            continue
+        if network.prefixlen:
+            routes.append((network, fields[0]))
+    return routes
+
+
+def _subnet_overlaps(switches: dict[str, DeclaredSwitch], *,
+                     routes: Sequence[tuple[IPv4Network, str]]) -> Iterator[ManifestError]:
+    """Local switches whose subnets overlap each other or a route of the host."""
+    local = sorted((d for d in switches.values() if d.switch.subnet is not None),
+                   key=lambda d: (str(d.file), d.line))
+    for index, one in enumerate(local):
+        assert one.switch.subnet is not None
+        for other in local[index + 1:]:
+            assert other.switch.subnet is not None
+            if one.switch.subnet.overlaps(other.switch.subnet):
+                for a, b in ((one, other), (other, one)):
+                    yield ManifestError(
+                        a.file, a.subnet_line, f"subnet {a.switch.subnet} overlaps switch "
+                        f"'{b.switch.name}' ({b.switch.subnet}, {b.file}:{b.subnet_line}); "
+                        "give each local switch a subnet of its own",
+                        vm=a.switch.name, kind="switch")
+        for network, device in routes:
+            if device != one.switch.bridge and one.switch.subnet.overlaps(network):
+                yield ManifestError(
+                    one.file, one.subnet_line, f"subnet {one.switch.subnet} overlaps the "
+                    f"host's route to {network} via {device}; choose another subnet",
+                    vm=one.switch.name, kind="switch")
 
 
 def _unknown_switches(result: Manifests) -> Iterator[ManifestError]:
@@ -609,6 +914,10 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
         for problem in problems[:room]:
             yield ManifestError(path, problem.line, problem.message, vm=name, kind=label)
         return len(problems)
+    if isinstance(data, dict) and isinstance(data.get("cloud_init"), dict):
+        for key in ("user_data_file", "network_config_file", "ssh_authorized_keys_file"):
+            if isinstance(value := data["cloud_init"].get(key), str):
+                context["referenced"].add(Path(os.path.abspath(path.parent / value)))
     if not isinstance(data, dict):
         kind = {list: "list", str: "string", int: "integer", float: "number",
                 bool: "boolean"}.get(type(data), type(data).__name__)
@@ -633,16 +942,44 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
     except ValidationError as err:
         errors = err.errors()
         for error in errors[:room]:
-            yield ManifestError(path, _line_of(node, tuple(error["loc"])),
+            yield ManifestError(path, _error_line(node, error),
                                 _describe(error, model), vm=name, kind=kind.lower())
         return len(errors)
     if isinstance(obj, Switch):
-        yield DeclaredSwitch(switch=obj, file=path, line=line)
+        yield DeclaredSwitch(switch=obj, file=path, line=line,
+                             subnet_line=_line_of(node, ("subnet",)))
     else:
         switch_lines = tuple(_line_of(node, ("interfaces", index, "switch"))
                              for index in range(len(obj.interfaces)))
         yield Declared(vm=obj, file=path, line=line, switch_lines=switch_lines)
     return 0
+
+
+def _error_line(node: yaml.Node, error: Any) -> int:
+    """The manifest line of a pydantic error; for bad inline user-data, its own line."""
+    loc = tuple(error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, CloudInitText):
+        text = _node_at(node, (*loc, "user_data"))
+        if isinstance(text, yaml.ScalarNode):
+            first = text.start_mark.line + (2 if text.style in ("|", ">") else 1)
+            return first + cause.line - 1
+    return _line_of(node, loc)
+
+
+def _node_at(node: yaml.Node, loc: Sequence[int | str]) -> yaml.Node | None:
+    for step in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = [v for k, v in node.value if k.value == step]
+            if not found:
+                return None
+            node = found[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) \
+                and step < len(node.value):
+            node = node.value[step]
+        else:
+            return None
+    return node
 
 
 def _line_of(node: yaml.Node, loc: Sequence[int | str]) -> int:

@@ -54,6 +54,8 @@ LAUNCH_TIMEOUT = 15.0
 QUIT_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
 POWER_BUTTON_REPEAT = 5.0
+AGENT_TIMEOUT = 3.0  # for the guest agent to take guest-shutdown
+AGENT_GRACE = 0.5  # of stop_timeout, for the guest to go after guest-shutdown
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -143,6 +145,14 @@ def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str =
     if vm.boot.cmdline:
         argv += ["-append", vm.boot.cmdline]
     argv += _storage_args(vm)
+    if vm.cloud_init is not None:  # after the disks: the guest's root stays /dev/vda
+        argv += _drive("seed", paths.seed, fmt="raw", readonly=True, driver="ide-cd")
+    if vm.agent:
+        argv += [
+            "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
     for index, (tap, mac) in enumerate(taps):
         argv += ["-netdev", f"tap,id=net{index},ifname={opt(tap)},script=no,downscript=no",
                  "-device", _json({"driver": "virtio-net-pci", "netdev": f"net{index}",
@@ -167,17 +177,24 @@ def _storage_args(vm: VM) -> list[str]:
         media.append(("cd0", vm.cdrom, "raw", True, "ide-cd"))
     boot = {"disk": "disk0", "cdrom": "cd0"}.get(vm.boot.device or "")
     for node, path, fmt, readonly, driver in media:
-        argv += [
-            "-blockdev", _json({"driver": "file", "filename": str(path),
-                                "node-name": f"{node}-file", "read-only": readonly}),
-            "-blockdev", _json({"driver": fmt, "file": f"{node}-file", "node-name": node,
-                                "read-only": readonly}),
-        ]
-        device: dict[str, Any] = {"driver": driver, "drive": node, "id": f"{node}-dev"}
-        if node == boot:
-            device["bootindex"] = 1
-        argv += ["-device", _json(device)]
+        argv += _drive(node, path, fmt=fmt, readonly=readonly, driver=driver,
+                       boot=node == boot)
     return argv
+
+
+def _drive(node: str, path: Path, *, fmt: str, readonly: bool, driver: str,
+           boot: bool = False) -> list[str]:
+    """-blockdev (file, then format) and -device for one image, as JSON."""
+    device: dict[str, Any] = {"driver": driver, "drive": node, "id": f"{node}-dev"}
+    if boot:
+        device["bootindex"] = 1
+    return [
+        "-blockdev", _json({"driver": "file", "filename": str(path),
+                            "node-name": f"{node}-file", "read-only": readonly}),
+        "-blockdev", _json({"driver": fmt, "file": f"{node}-file", "node-name": node,
+                            "read-only": readonly}),
+        "-device", _json(device),
+    ]
 
 
 # --- QMP ------------------------------------------------------------------
@@ -323,11 +340,12 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         accel=accel, argv=argv, serial_offset=serial_offset,
         restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
         backoff=history.get("backoff", 0), taps=[tap for tap, _ in taps],
+        macs=[mac for _, mac in taps],
     )
     record = replace(record, **(keep or {}))
     remember(record)  # the intent, before anything runs
     faults.hit("before-spawn")
-    for stale in (paths.qmp, paths.serial, paths.pidfile):  # no QEMU of its own is alive
+    for stale in (paths.qmp, paths.serial, paths.pidfile, paths.agent):  # none alive
         stale.unlink(missing_ok=True)
     incoming = None
     if restore_from is not None:
@@ -459,9 +477,36 @@ async def _ending(record: Record, end: Callable[[int], Awaitable[str]]) -> str:
         reap(record.pid)
 
 
+async def _running(paths: VMPaths) -> bool:
+    try:
+        return await query_status(paths) == "running"
+    except ControlError:
+        return False
+
+
+async def _agent_shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: float
+                          ) -> bool:
+    """The guest agent's guest-shutdown, first: True if the guest powered off in time."""
+    from reconciler import qga
+
+    try:
+        await qga.shutdown(paths.agent, timeout=min(timeout, AGENT_TIMEOUT))
+    except qga.AgentError as err:
+        log.info("vm '%s': guest agent did not take the shutdown (%s); pressing the power "
+                 "button", record.name, err)
+        return False
+    faults.hit("mid-terminate")
+    return await _wait_exit(pidfd, timeout)
+
+
 async def _shutdown(record: Record, paths: VMPaths, pidfd: int, *, timeout: float) -> str:
     name = record.name
     deadline = time.monotonic() + timeout
+    # With an agent, its shutdown comes first; the power button follows if the guest
+    # has not gone within AGENT_GRACE of the grace period.
+    if record.spec.get("agent") and await _running(paths) and await _agent_shutdown(
+            record, paths, pidfd, timeout=timeout * AGENT_GRACE):
+        return "guest powered off (guest agent)"
     while (left := deadline - time.monotonic()) > 0:
         try:
             if await query_status(paths) != "running":

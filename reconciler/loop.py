@@ -8,20 +8,22 @@ driver (`kvm.py`), the disks (`storage.py`) and the network (`net.py`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from reconciler import desired as desired_mod
-from reconciler import faults, kvm
-from reconciler.desired import VM, Declared, State
+from reconciler import faults, kvm, probes
+from reconciler.desired import VM, Declared, State, Switch
 from reconciler.observed import (
     Exit,
     ExitReason,
@@ -32,13 +34,12 @@ from reconciler.observed import (
     StateDir,
     StateDirError,
     Status,
+    atomic_write,
     console_since,
     console_tail,
     is_alive,
     observe,
     post_mortem,
-    readiness,
-    unready_message,
 )
 from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
 
@@ -116,6 +117,7 @@ async def reconcile_once(
     if not check and await _recover(state, seen, now=now):
         now = time.time()
         seen, unreadable = await observe(state, kvm.query_status, now=now)
+    seen = await assess(state, seen, now=now, persist=not check)
     report.errors += unreadable.values()
     actions = plan({name: d.vm for name, d in loaded.vms.items()}, seen,
                    prune=not report.errors, keep=_not_prunable(manifests, loaded, seen),
@@ -127,7 +129,10 @@ async def reconcile_once(
         return report
     _count_silence(state, seen, now=now)
     applier = _Applier(state, loaded.vms, seen, parallel=parallel,
-                       bridges={n: d.switch.bridge for n, d in loaded.switches.items()})
+                       bridges={n: d.switch.bridge for n, d in loaded.switches.items()},
+                       local={n: d.switch for n, d in loaded.switches.items()
+                              if d.switch.local},
+                       prune=not report.errors)
     try:
         report.results = await applier.apply(actions)
         report.errors += applier.errors
@@ -221,6 +226,34 @@ async def _finish_save(state: StateDir, vm: ObservedVM) -> bool:
     return True
 
 
+async def assess(state: StateDir, seen: dict[str, ObservedVM], *, now: float,
+                 persist: bool) -> dict[str, ObservedVM]:
+    """Each running VM's readiness (probes.assess); `persist`: keep what the probes
+    found in the records (a pass does; `status` and --check only look)."""
+
+    async def one(vm: ObservedVM) -> ObservedVM:
+        if vm.status not in (Status.RUNNING, Status.PAUSED) or vm.interrupted:
+            return vm
+        verdict = await probes.assess(vm.record, state, now=now)
+        if persist and verdict.changes:
+            state.update(vm.name, vm.record.pid, **verdict.changes)
+        return replace(vm, ready=verdict.ready, ready_detail=verdict.detail)
+
+    assessed = await asyncio.gather(*(one(vm) for vm in seen.values()))
+    return {vm.name: vm for vm in assessed}
+
+
+async def look(state: StateDir, *, now: float) -> tuple[
+        dict[str, ObservedVM], dict[str, list[probes.Address]], dict[str, str]]:
+    """What `status` shows: every VM observed and assessed, with its addresses (by
+    name), and the unreadable records; nothing is written."""
+    seen, problems = await observe(state, kvm.query_status, now=now, a_pass=False)
+    seen = await assess(state, seen, now=now, persist=False)
+    live = [vm for vm in seen.values() if vm.status in (Status.RUNNING, Status.PAUSED)]
+    found = await asyncio.gather(*(probes.addresses(state, vm.record) for vm in live))
+    return seen, {vm.name: a for vm, a in zip(live, found, strict=True)}, problems
+
+
 def _count_silence(state: StateDir, seen: dict[str, ObservedVM], *, now: float) -> None:
     """Remember for how many passes (and since when) each VM's QMP has not answered."""
     for vm in seen.values():
@@ -287,10 +320,13 @@ class _Applier:
 
     def __init__(self, state: StateDir, declared: dict[str, Declared],
                  seen: dict[str, ObservedVM], *, parallel: int,
-                 bridges: dict[str, str]) -> None:
+                 bridges: dict[str, str], local: dict[str, Switch] | None = None,
+                 prune: bool = False) -> None:
         self.state, self.declared, self.seen = state, declared, seen
         self.slots = asyncio.Semaphore(parallel)
         self.bridges = bridges  # switch name -> bridge
+        self.local = local or {}  # the local switches declared (vmd's local interface)
+        self.prune = prune  # undeclared local switches may go (no manifest has errors)
         self.network = Network(state)
         self.errors: list[str] = []  # what went wrong outside any one VM
 
@@ -302,13 +338,30 @@ class _Applier:
         freeing = [a for a in actions if a.kind in FREEING]
         rest = [a for a in actions if a not in freeing]
         results = await asyncio.gather(*(self._one(a) for a in freeing))
+        await self._local_switches()
         results += await asyncio.gather(*(self._one(a) for a in rest))
         try:
+            if self.prune:
+                await asyncio.to_thread(self.network.remove_local, set(self.local))
             await asyncio.to_thread(self.network.collect_bridges)
         except Exception as err:  # the VMs' outcomes stand; the bridge waits for a pass
             log.debug("bridge collection failed", exc_info=True)
             self.errors.append(f"switches: cannot remove unused bridges: {err}")
         return list(results)
+
+    async def _local_switches(self) -> None:
+        """Each local switch's address, DHCP and NAT, before any VM on it starts."""
+        if not self.local and not self.state.switches_dir.is_dir():
+            return
+        macs = {vm.name: list(vm.record.macs) for vm in self.seen.values()
+                if vm.status is not Status.EXITED}
+        try:
+            for line in await asyncio.to_thread(self.network.ensure_local, self.local,
+                                                self.declared, macs):
+                log.info("%s", line)
+        except Exception as err:  # VMs on other switches go on; this is reported
+            log.debug("local switches failed", exc_info=True)
+            self.errors.append(f"switches: {err}")
 
     async def _one(self, action: Action) -> Result:
         try:
@@ -344,6 +397,8 @@ class _Applier:
         vm = decl.vm
         taps = await asyncio.to_thread(self.network.plug, vm, self.bridges)
         try:
+            if vm.cloud_init is not None:
+                await asyncio.to_thread(build_seed, self.state, vm, [m for _, m in taps])
             record = await kvm.start(
                 vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
                 paused=vm.state is State.PAUSED, remember=self.state.write,
@@ -402,7 +457,9 @@ class _Applier:
                 hardware, paths, source=str(decl.file.absolute()),
                 paused=decl.vm.state is State.PAUSED, history=history,
                 remember=self.state.write, restore_from=saved, taps=taps,
-                keep={"saved": old.saved, "saved_pid": old.saved_pid},
+                keep={"saved": old.saved, "saved_pid": old.saved_pid,
+                      # ready when saved: ready when restored (no second boot marker)
+                      "ready_at": old.ready_at, "ready_passed": old.ready_passed},
             )
         except BaseException:
             self.network.remove_taps(action.vm, [tap for tap, _ in taps])
@@ -462,6 +519,27 @@ class _Applier:
     async def _unpause(self, action: Action) -> str:
         await kvm.unpause(self.state.paths(action.vm))
         return "resumed"
+
+
+def build_seed(state: StateDir, vm: VM, macs: list[str]) -> None:
+    """The VM's cloud-init seed in its state dir (0600), with its pinned SSH host key;
+    rewritten only when its content changed."""
+    from reconciler import seed
+
+    assert vm.cloud_init is not None
+    paths = state.paths(vm.name)
+    paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ci, texts = vm.cloud_init, vm.cloud_init.texts()
+    try:
+        key = seed.ensure_host_key(paths.dir, comment=f"{vm.name} (reconciler)")
+        files = seed.render(
+            hostname=vm.hostname, user=ci.user, ssh_authorized_keys=ci.authorized_keys(),
+            user_data=texts.get("user_data"), network_config=texts.get("network_config"),
+            meta_data=ci.meta_data, macs=macs, host_key=key)
+        if seed.write_seed(paths.seed, files):
+            log.info("vm '%s': wrote its cloud-init seed %s", vm.name, paths.seed)
+    except seed.SeedError as err:
+        raise kvm.DriverError(f"vm '{vm.name}': cloud-init seed: {err}") from err
 
 
 async def terminate(state: StateDir, record: Record, *, timeout: float | None,
@@ -535,6 +613,92 @@ class Network:
             except NetError as err:
                 log.warning("vm '%s': %s", vm, err)
 
+    def ensure_local(self, local: dict[str, Switch], declared: dict[str, Declared],
+                     running: dict[str, list[str]]) -> list[str]:
+        """Converge every local switch: bridge, its address, dnsmasq with a static lease
+        for each declared VM interface (and each running VM's, so a VM whose manifest
+        broke keeps its address), NAT. One sentence per change."""
+        from reconciler.localnet import (
+            LocalNetError,
+            assign_addresses,
+            default_subnet,
+            gateway,
+        )
+
+        done: list[str] = []
+        net = self._open()
+        ours = {s.bridge for s in local.values()}
+        taken = [s.subnet for s in local.values() if s.subnet is not None]
+        taken += [n for n, dev in desired_mod.host_routes() if dev not in ours]
+        for name, switch in sorted(local.items()):
+            if net.ensure_bridge(switch.bridge):
+                self.state.set_created_bridges(self.state.created_bridges() | {switch.bridge})
+                done.append(f"switch '{name}': created bridge {switch.bridge}")
+            paths = self._switch_paths(name)
+            config = _read_json(paths.dir / "switch.json")
+            subnet = switch.subnet
+            if subnet is None:
+                kept = _subnet(config.get("subnet"))
+                free = kept is not None and not any(kept.overlaps(t) for t in taken)
+                subnet = kept if free and kept else default_subnet(name, taken=taken)
+            taken.append(subnet)
+            atomic_write(paths.dir / "switch.json", json.dumps({
+                "subnet": str(subnet), "bridge": switch.bridge, "nat": switch.nat,
+                "dns": switch.dns}) + "\n")
+            macs, names = _macs_on(name, declared, running, self.state)
+            gw = gateway(subnet)
+            if net.ensure_address(switch.bridge, str(gw.ip), gw.network.prefixlen):
+                done.append(f"switch '{name}': {switch.bridge} has address {gw}")
+            try:
+                leases = assign_addresses(subnet, macs, previous=_read_json(paths.addresses))
+                done += [f"switch '{name}': {line}" for line in self._local(
+                    paths, name, switch, subnet).ensure(leases, names)]
+            except (LocalNetError, ValueError) as err:
+                raise kvm.DriverError(f"switch '{name}': {err}") from err
+        return done
+
+    def remove_local(self, declared: set[str]) -> None:
+        """Stop the DHCP and NAT of local switches no longer declared and no longer used."""
+        root = self.state.switches_dir
+        if not root.is_dir():
+            return
+        from reconciler.localnet import LocalNetError, gateway
+
+        net = self._open()
+        for entry in sorted(root.iterdir()):
+            if entry.name in declared or entry.name.startswith(".") or not entry.is_dir():
+                continue
+            config = _read_json(entry / "switch.json")
+            bridge, subnet = str(config.get("bridge", "")), _subnet(config.get("subnet"))
+            if subnet is None or (bridge and net.exists(bridge) and net.bridge_ports(bridge)):
+                continue  # a VM still uses it: it goes when the VM has gone
+            switch = Switch(kind="Switch", name=entry.name, bridge=bridge, mode="local",
+                            subnet=subnet, nat=bool(config.get("nat")),
+                            dns=bool(config.get("dns")))
+            try:
+                for line in self._local(self._switch_paths(entry.name), entry.name, switch,
+                                        subnet).remove():
+                    log.info("switch '%s': %s", entry.name, line)
+                gw = gateway(subnet)
+                if bridge and net.exists(bridge):
+                    net.remove_address(bridge, str(gw.ip), gw.network.prefixlen)
+            except LocalNetError as err:
+                log.warning("switch '%s': %s", entry.name, err)
+
+    def _switch_paths(self, name: str) -> Any:
+        from reconciler.localnet import SwitchPaths
+
+        paths = SwitchPaths(self.state.switches_dir / name)
+        paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return paths
+
+    @staticmethod
+    def _local(paths: Any, name: str, switch: Switch, subnet: IPv4Network) -> Any:
+        from reconciler.localnet import LocalSwitch
+
+        return LocalSwitch(paths, name=name, bridge=switch.bridge, subnet=subnet,
+                           nat=bool(switch.nat), dns=bool(switch.dns))
+
     def collect_bridges(self) -> None:
         """Remove the bridges this reconciler made once no VM uses them."""
         created = self.state.created_bridges()
@@ -552,12 +716,48 @@ class Network:
             self.state.set_created_bridges(left)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _subnet(text: object) -> IPv4Network | None:
+    try:
+        return IPv4Network(str(text)) if text else None
+    except ValueError:
+        return None
+
+
+def _macs_on(switch: str, declared: dict[str, Declared], running: dict[str, list[str]],
+             state: StateDir) -> tuple[list[str], dict[str, str]]:
+    """The guest MACs on a switch (declared VMs, and running ones as recorded), with the
+    host name each should get from DHCP."""
+    from reconciler.net import mac_address
+
+    names: dict[str, str] = {}
+    for decl in declared.values():
+        for index, nic in enumerate(decl.vm.interfaces):
+            if nic.switch == switch:
+                names[nic.mac or mac_address(decl.vm.name, index)] = decl.vm.hostname
+    records, _ = state.records()
+    for name, macs in running.items():
+        record = records.get(name)
+        nics = record.spec.get("interfaces") or [] if record else []
+        for nic, mac in zip(nics, macs, strict=False):
+            if nic.get("switch") == switch:
+                names.setdefault(mac, name)
+    return sorted(names), names
+
+
 async def _wait_ready(state: StateDir, results: list[Result]) -> list[Result]:
     """`--wait`: each VM started in this pass until ready (or failed), in parallel."""
 
     async def one(result: Result) -> Result:
         started = result.outcome is Outcome.CHANGED and result.action in (
-            Kind.START, Kind.RESTART)
+            Kind.START, Kind.RESTART, Kind.RESTORE)
         if not started:
             return result
         verdict, ok = await wait_ready(state, result.vm)
@@ -568,25 +768,30 @@ async def _wait_ready(state: StateDir, results: list[Result]) -> list[Result]:
 
 
 async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
-    """Until the VM's `ready.serial` shows on its console: (what happened, ready?)."""
+    """Until the VM's `ready:` probes pass (or time out): (what happened, ready?)."""
     paths = state.paths(name)
+    scanned = 0  # how far the console was read: written to the record with the rest
     while True:
         records, _ = state.records()
         record = records.get(name)
         if record is None:
             return "its record is gone", False
+        record = replace(record, console_scanned=max(record.console_scanned, scanned))
         if not is_alive(record):
             gone = post_mortem(record, paths)
             tail = console_tail(console_since(paths, record.serial_offset))
             return f"exited while starting: {gone.detail}; console tail:\n{tail}", False
-        ready, tail = readiness(record, paths, now=time.time())
-        if ready is None:
+        verdict = await probes.assess(record, state, now=time.time())
+        if set(verdict.changes) - {"console_scanned"}:  # a probe passed
+            state.update(name, record.pid, **verdict.changes)
+        scanned = verdict.scanned
+        if verdict.ready is None:
             return "running", True
-        if ready is Readiness.READY:
-            return f"ready after {time.time() - record.started_at:.1f}s", True
-        if ready is Readiness.UNREADY:
-            spec = record.spec["ready"]
-            return unready_message(spec["serial"], float(spec["timeout"]), tail), False
+        if verdict.ready is Readiness.READY:
+            at = verdict.ready_at or time.time()
+            return f"ready after {max(0.0, at - record.started_at):.1f}s", True
+        if verdict.ready is Readiness.UNREADY:
+            return verdict.detail, False
         await asyncio.sleep(READY_POLL)
 
 
@@ -614,6 +819,7 @@ async def down(state: StateDir) -> list[tuple[str, str]]:
     try:
         ordered = sorted(seen.values(), key=lambda v: v.name)
         results = list(await asyncio.gather(*(one(vm) for vm in ordered)))
+        network.remove_local(set())  # dnsmasq and NAT of switches no VM uses now
         network.collect_bridges()
     finally:
         network.close()

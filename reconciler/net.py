@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -276,6 +277,16 @@ class Net:
         check_ifname(tap, "tap")
         self._run(self._remove, tap, "tap")
 
+    def ensure_address(self, ifname: str, address: str, prefixlen: int) -> bool:
+        """IPv4 `address/prefixlen` on `ifname` (a local switch's gateway); True if added."""
+        check_ifname(ifname)
+        return self._run(self._address, "add", ifname, address, prefixlen)
+
+    def remove_address(self, ifname: str, address: str, prefixlen: int) -> bool:
+        """Drop `address/prefixlen` from `ifname`; True if it was there."""
+        check_ifname(ifname)
+        return self._run(self._address, "del", ifname, address, prefixlen)
+
     def exists(self, ifname: str) -> bool:
         """Whether an interface named `ifname` exists (of any kind)."""
         check_ifname(ifname)
@@ -385,6 +396,23 @@ class Net:
         if created:
             log.info("bridge %s created", bridge)
         return created
+
+    def _address(self, op: str, ifname: str, address: str, prefixlen: int) -> bool:
+        ipr = self._iproute()
+        link = self._get(ifname)
+        if link is None:
+            if op == "del":
+                return False
+            raise NetError(f"{ifname} does not exist", ifname=ifname, code=errno.ENODEV)
+        index = link["index"]
+        present = self._do("cannot list the addresses of", ifname, lambda: [
+            (_attr(a, "IFA_ADDRESS"), a["prefixlen"])
+            for a in ipr.get_addr(index=index, family=socket.AF_INET)])
+        if ((address, prefixlen) in present) == (op == "add"):
+            return False
+        self._do(f"cannot {op} address {address}/{prefixlen} on", ifname,
+                 lambda: ipr.addr(op, index=index, address=address, prefixlen=prefixlen))
+        return True
 
     def _bridge_ports(self, bridge: str) -> list[str]:
         ipr = self._iproute()

@@ -99,6 +99,10 @@ class Record:
     taps: list[str] = field(default_factory=list)  # its tap devices, removed when it ends
     qmp_silent_since: float | None = None  # QMP stopped answering then (None: it answers)
     qmp_failures: int = 0  # passes in a row in which QMP did not answer
+    macs: list[str] = field(default_factory=list)  # each interface's guest MAC, in order
+    ready_at: float | None = None  # when `ready` first passed (kept across save/restore)
+    ready_passed: list[str] = field(default_factory=list)  # probes passed so far
+    console_scanned: int = 0  # serial.log offset up to which `ready.serial` was sought
 
     @property
     def intent(self) -> bool:
@@ -156,10 +160,31 @@ class VMPaths:
     def saved_state(self) -> Path:
         return self.dir / "saved.state"
 
+    @property
+    def agent(self) -> Path:
+        """The guest agent's channel (virtio-serial org.qemu.guest_agent.0)."""
+        return self.dir / "qga.sock"
+
+    @property
+    def seed(self) -> Path:
+        """The cloud-init NoCloud seed (ISO 9660, volume cidata): secrets inside, 0600."""
+        return self.dir / "seed.iso"
+
+    @property
+    def host_key(self) -> Path:
+        """The guest's SSH host key (ed25519), generated here and pinned in known_hosts."""
+        return self.dir / "ssh_host_ed25519_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
     def runtime_files(self) -> list[Path]:
         """What `forget` removes: the record and what QEMU made, never anything else."""
         return [self.record, self.qmp, self.serial, self.serial_log, self.qemu_log,
-                self.pidfile, self.dir / ".saved.state.partial"]
+                self.pidfile, self.dir / ".saved.state.partial", self.agent, self.seed,
+                self.seed.with_suffix(".sha256"), self.host_key,
+                self.host_key.with_suffix(".pub"), self.known_hosts]
 
 
 class StateDir:
@@ -168,6 +193,7 @@ class StateDir:
         # an orphan QEMU is recognised whichever way the dir was named (../state, a link).
         self.root = root.resolve()
         self.vms_dir = self.root / "vms"
+        self.switches_dir = self.root / "switches"  # local switches: dnsmasq, leases
         if len(str(self.paths("x").serial)) > MAX_SOCKET_PATH:
             raise StateDirError(
                 f"state dir {self.root} is too long for the unix sockets of its VMs; "
@@ -457,7 +483,7 @@ def post_mortem(record: Record, paths: VMPaths, *, status: int | None = None,
 class Readiness(StrEnum):
     STARTING = "starting"
     READY = "ready"
-    UNREADY = "unready"  # its timeout passed without the pattern on the console
+    UNREADY = "unready"  # its timeout passed with a probe still failing
 
 
 def console_since(paths: VMPaths, offset: int, *, limit: int = 1 << 20) -> str:
@@ -474,25 +500,6 @@ def console_since(paths: VMPaths, offset: int, *, limit: int = 1 << 20) -> str:
 def console_tail(text: str, lines: int = 10) -> str:
     clean = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
     return "\n".join(clean[-lines:])
-
-
-def unready_message(serial: str, timeout: float, tail: str) -> str:
-    """What a VM whose `ready.serial` did not show in time is told, with its console."""
-    return (f"not ready: no {serial!r} on the console within {timeout:g}s; "
-            f"console tail:\n{tail}")
-
-
-def readiness(record: Record, paths: VMPaths, *, now: float) -> tuple[Readiness | None, str]:
-    """starting/ready/unready for a VM with `ready.serial`, with the console tail."""
-    ready = record.spec.get("ready")
-    if not ready:
-        return None, ""
-    text = console_since(paths, record.serial_offset)
-    if re.search(ready["serial"], text, re.MULTILINE):
-        return Readiness.READY, ""
-    if now > record.started_at + float(ready["timeout"]):
-        return Readiness.UNREADY, console_tail(text)
-    return Readiness.STARTING, ""
 
 
 # --- interpretation -------------------------------------------------------
@@ -539,8 +546,8 @@ class ObservedVM:
     record: Record
     detail: str = ""
     exit: Exit | None = None  # why it ended, when EXITED
-    ready: Readiness | None = None  # with `ready.serial`, when running
-    console: str = ""  # console tail, when not ready in time
+    ready: Readiness | None = None  # with `ready:`, when running (see probes.assess)
+    ready_detail: str = ""  # the probes still failing, or why it is unready
     adopted: bool = False  # a QEMU its record did not know of (the record is behind)
     qmp_answered: bool = True
     unresponsive: bool = False  # QMP silent for UNRESPONSIVE_PASSES or UNRESPONSIVE_AFTER
@@ -583,7 +590,6 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float,
         if record.saved:
             interrupted = Interrupted.SAVE if record.saved_pid == record.pid \
                 else Interrupted.RESTORE
-        ready, console = readiness(record, paths, now=now)
         try:
             qmp_status = await query_status(paths)
         except Exception as err:  # a live VM whose QMP fails is still there
@@ -593,13 +599,13 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float,
             detail = (f"unresponsive: QMP has not answered for {now - since:.0f}s "
                       f"({passes} passes): {err}" if silent
                       else f"QMP not answering: {err}")
-            return ObservedVM(record.name, Status.RUNNING, record, detail, ready=ready,
-                              console=console, adopted=adopted, qmp_answered=False,
+            return ObservedVM(record.name, Status.RUNNING, record, detail,
+                              adopted=adopted, qmp_answered=False,
                               unresponsive=silent, interrupted=interrupted)
         usual = qmp_status in ("running", "paused", "prelaunch")
         detail = "" if usual else f"QMP status {qmp_status}"
         return ObservedVM(record.name, status_from_qmp(qmp_status), record, detail,
-                          ready=ready, console=console, adopted=adopted,
+                          adopted=adopted,
                           interrupted=interrupted, qmp_status=qmp_status)
 
     seen = await asyncio.gather(*(one(r) for r in records.values()))

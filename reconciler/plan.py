@@ -19,7 +19,6 @@ from reconciler.observed import (
     Readiness,
     Record,
     Status,
-    unready_message,
 )
 
 # Restarts after exits back off: the first at once, then 1 s doubling up to 5 min;
@@ -29,6 +28,8 @@ BACKOFF_CAP = 300.0
 BACKOFF_RESET_AFTER = 600.0
 # A failed restore is tried again after 5 s, doubling up to 5 min (its file is kept).
 RESTORE_BACKOFF_FIRST = 5.0
+# While a VM's probes have not all passed, the daemon looks again this soon.
+READY_RECHECK = 2.0
 # A save or restore cut short and still in progress is looked at again this soon.
 INTERRUPTED_RETRY = 1.0
 
@@ -230,13 +231,15 @@ def decide(vm: VM | None, seen: ObservedVM | None, *, name: str, prune: bool,
     if vm.state is State.PAUSED and seen.status is Status.RUNNING:
         return Action(Kind.PAUSE, name, "running but declared paused")
     if seen.ready is Readiness.UNREADY:
-        assert vm.ready is not None
-        return Action(Kind.NONE, name,
-                      unready_message(vm.ready.serial, vm.ready.timeout, seen.console),
-                      problem=True)
+        return Action(Kind.NONE, name, seen.ready_detail, problem=True)
     detail = f" ({seen.detail})" if seen.detail else ""
     ready = f", {seen.ready}" if seen.ready else ""
-    return Action(Kind.NONE, name, f"{vm.state} as desired{ready}{detail}")
+    # Starting: the daemon looks again soon, so a probe's pass is recorded (and the
+    # console scanned) while it is fresh, not at the next resync.
+    again = now + READY_RECHECK if seen.ready is Readiness.STARTING else None
+    if seen.ready is Readiness.STARTING and seen.ready_detail:
+        detail = f" ({seen.ready_detail})"
+    return Action(Kind.NONE, name, f"{vm.state} as desired{ready}{detail}", retry_at=again)
 
 
 def _start(vm: VM, seen: ObservedVM | None, *, now: float) -> Action:

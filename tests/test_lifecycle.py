@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def test_a_ready_pattern_that_never_shows_fails_with_the_console_tail(
     manifests = one_vm(tmp_path, guest, ready="{serial: 'login:', timeout: 6s}")
     run = reconcile("--once", "--wait", manifests)
     assert run.code == 1, run
-    assert "not ready: no 'login:' on the console within 6s; console tail:" in run.out
+    assert "not ready within 6s: serial: no 'login:' on the console yet; console tail:" in run.out
     assert MARKER in run.out  # the tail shows how far the guest got
     again = reconcile("--once", manifests)
     assert again.code == 1 and "not ready" in again.out
@@ -225,3 +226,23 @@ def test_saved_then_running_resumes_the_same_boot(
     console = serial(state_dir, "solo")
     assert re.findall(r"boot-id (\w+)", console) == [boot_id[1]]  # no new boot
     assert console.count(MARKER) == 1
+
+
+def test_a_guest_ready_when_saved_is_ready_when_restored(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile
+) -> None:
+    # The restored guest never prints its boot marker again: readiness is kept.
+    manifests = one_vm(tmp_path, guest, ready="{serial: 'guest: up uptime', timeout: 20s}")
+    reconcile("--once", "--wait", manifests, check=0)
+    path = manifests / "solo.yaml"
+    running = path.read_text()
+    path.write_text(running + "state: saved\n")
+    reconcile("--once", manifests, check=0)
+    path.write_text(running)
+    restored = reconcile("--once", "--wait", manifests, check=0)
+    assert "restored from " in restored.out and "ready after" in restored.out, restored
+    assert status_rows(state_dir)["solo"]["state"] == "ready"
+    time.sleep(21)  # past the timeout: still ready, and --once still converged
+    again = reconcile("--once", manifests, check=0)
+    assert "running as desired, ready" in again.out, again
+    assert serial(state_dir, "solo").count(MARKER) == 1
