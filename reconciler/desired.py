@@ -344,7 +344,9 @@ class Switch(BaseModel):
                 raise ValueError(f"{value} is too small: give at most a "
                                  f"/{MAX_LOCAL_PREFIX} (room for the gateway and VMs)")
             return network
-        return value
+        if value is None or isinstance(value, IPv4Network):
+            return value
+        raise ValueError(f"must be an IPv4 subnet like 100.64.7.0/24 (got {shown(value)})")
 
     @model_validator(mode="after")
     def _bridge(self) -> Switch:
@@ -962,8 +964,11 @@ def _error_line(node: yaml.Node, error: Any) -> int:
     if isinstance(cause, CloudInitText):
         text = _node_at(node, (*loc, "user_data"))
         if isinstance(text, yaml.ScalarNode):
-            first = text.start_mark.line + (2 if text.style in ("|", ">") else 1)
-            return first + cause.line - 1
+            if text.style in ("|", ">"):  # a block: its text starts on the next line
+                return text.start_mark.line + 1 + cause.line
+            if text.end_mark.line > text.start_mark.line:  # a multi-line flow scalar
+                return text.start_mark.line + cause.line
+            return text.start_mark.line + 1  # one line: "\n" escapes, no line breaks
     return _line_of(node, loc)
 
 

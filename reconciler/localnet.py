@@ -299,7 +299,7 @@ class LocalSwitch:
                                     f"{self._log_tail()}")
             if self._listening(pid):
                 break
-            time.sleep(0.01)
+            time.sleep(0.001)
         return pid
 
     @staticmethod

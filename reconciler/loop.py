@@ -442,7 +442,7 @@ class _Applier:
         saved = Path(old.saved)
         try:  # the hardware it was saved with; a later pass applies any change
             hardware = VM.model_validate({**old.spec, **decl.vm.model_dump(
-                mode="json", include=set(VM.LIVE_FIELDS))})
+                mode="json", include=set(VM.LIVE_FIELDS))}, context={"from_record": True})
         except ValidationError as err:
             raise kvm.DriverError(f"cannot restore from {saved}: the spec it was saved "
                                   f"with is no longer valid: {err}") from err

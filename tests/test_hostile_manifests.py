@@ -148,6 +148,28 @@ RAISED = {
     "bad_utf8": (VM.encode() + b"labels: {a: \xff}\n", 3, "invalid leading UTF-8 octet"),
     "control_character": (VM + "labels: {a: \x01}\n", 3, "control characters are not allowed"),
     "yaml_2_0": ("%YAML 2.0\n---\n" + VM, 1, "incompatible YAML document"),
+    "cloud_init_string": (VM + "cloud_init: yes\n", 3, "cloud_init: Input should be"),
+    "user_data_list": (VM + "cloud_init: {user_data: [a]}\n", 3,
+                       "cloud_init.user_data must be a string"),
+    "user_data_bomb": (VM + "cloud_init: {user_data: \"#cloud-config\\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\\n" for p, c in zip("abcdefg", "bcdefgh",
+                                                                      strict=True))
+        .replace("*a", "1") + "\"}\n", 3, "aliases are expanded"),
+    "user_data_file_is_a_device": (VM + "cloud_init: {user_data_file: /dev/zero}\n", 3,
+                                   "user_data_file: /dev/zero is under /dev"),
+    "user_data_file_is_a_directory": (VM + "cloud_init: {user_data_file: /tmp}\n", 3,
+                                      "user_data_file: file not found: /tmp"),
+    "keys_file_proc": (VM + "cloud_init: {ssh_authorized_keys_file: /proc/self/environ}\n",
+                       3, "is under /proc"),
+    "subnet_ipv6": ("kind: Switch\nname: s\nmode: local\nsubnet: 'fd00::/64'\n", 4,
+                    "is not IPv4"),
+    "subnet_garbage": ("kind: Switch\nname: s\nmode: local\nsubnet: 300.1.2.0/24\n", 4,
+                       "not an IPv4 subnet"),
+    "subnet_int": ("kind: Switch\nname: s\nmode: local\nsubnet: 7\n", 4, "subnet"),
+    "tcp_port_zero": (VM + "interfaces: []\nready: {tcp: 0}\n", 4,
+                      "ready.tcp must be at least 1"),
+    "meta_data_instance_id": (VM + "cloud_init: {meta_data: {instance-id: x}}\n", 3,
+                              "instance-id is set by the reconciler"),
 }
 
 
