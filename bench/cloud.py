@@ -4,9 +4,10 @@
 Each figure is paired with a baseline measured in the same run:
 
   ssh       Debian guest, declared -> `ssh true` succeeds: `reconcile --once` on a
-            manifest (seed, local switch, dnsmasq, agent) versus the same QEMU command
-            started directly with a seed made by genisoimage, on a bridge, tap and
-            dnsmasq set up by hand; both inside a network namespace of their own.
+            manifest (seed, local switch, dnsmasq, agent) versus the same guest started
+            directly (same kernel, disk overlay, seed cdrom, agent channel, NIC) with a
+            seed made by genisoimage, on a bridge, tap and dnsmasq set up by hand; both
+            inside a network namespace of their own.
   seed      reconciler.seed (render + pycdlib ISO + atomic write) versus genisoimage
             writing the same three files.
   dnsmasq   LocalSwitch.ensure on a fresh switch (spawn -> DHCP socket open, NAT table)
@@ -193,6 +194,10 @@ def ssh_direct(tmp: Path, key: Path) -> float:
                           "-drive", f"file={disk},format=qcow2,if=virtio",
                           "-drive", f"file={tmp / 'seed.iso'},format=raw,media=cdrom,"
                                     "readonly=on",
+                          "-chardev", f"socket,id=qga0,path={tmp / 'qga.sock'},server=on,"
+                                      "wait=off",
+                          "-device", "virtio-serial-pci",
+                          "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
                           "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
                           "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
