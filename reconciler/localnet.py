@@ -36,7 +36,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from reconciler.observed import atomic_write, process_start_time
+from reconciler.observed import atomic_write, process_start_time, read_json
 
 log = logging.getLogger("reconciler.localnet")
 
@@ -194,14 +194,6 @@ class SwitchPaths:
         return self.dir / "nat.nft"  # the ruleset last applied
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
@@ -227,12 +219,12 @@ class LocalSwitch:
         self.subnet, self.nat, self.dns = subnet, nat, dns
 
     def dnsmasq_pid(self) -> int | None:
-        record = _read_json(self.paths.record)
+        record = read_json(self.paths.record)
         pid, start = int(record.get("pid", 0)), int(record.get("start_time", 0))
         return pid if _alive(pid, start) else None
 
     def addresses(self) -> dict[str, str]:
-        return {str(k): str(v) for k, v in _read_json(self.paths.addresses).items()}
+        return {str(k): str(v) for k, v in read_json(self.paths.addresses).items()}
 
     def leases(self) -> dict[str, str]:
         try:
@@ -258,7 +250,7 @@ class LocalSwitch:
         argv = dnsmasq_argv(bridge=self.bridge, subnet=self.subnet, leases=leases,
                             names=names, lease_file=self.paths.leases, dns=self.dns,
                             nat=self.nat)
-        record = _read_json(self.paths.record)
+        record = read_json(self.paths.record)
         pid = self.dnsmasq_pid()
         if pid is not None and record.get("argv") == argv:
             return []  # adopted as it runs

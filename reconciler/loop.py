@@ -40,6 +40,7 @@ from reconciler.observed import (
     is_alive,
     observe,
     post_mortem,
+    read_json,
 )
 from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
 
@@ -635,7 +636,7 @@ class Network:
                 self.state.set_created_bridges(self.state.created_bridges() | {switch.bridge})
                 done.append(f"switch '{name}': created bridge {switch.bridge}")
             paths = self._switch_paths(name)
-            config = _read_json(paths.dir / "switch.json")
+            config = read_json(paths.dir / "switch.json")
             subnet = switch.subnet
             if subnet is None:
                 kept = _subnet(config.get("subnet"))
@@ -650,7 +651,7 @@ class Network:
             if net.ensure_address(switch.bridge, str(gw.ip), gw.network.prefixlen):
                 done.append(f"switch '{name}': {switch.bridge} has address {gw}")
             try:
-                leases = assign_addresses(subnet, macs, previous=_read_json(paths.addresses))
+                leases = assign_addresses(subnet, macs, previous=read_json(paths.addresses))
                 done += [f"switch '{name}': {line}" for line in self._local(
                     paths, name, switch, subnet).ensure(leases, names)]
             except (LocalNetError, ValueError) as err:
@@ -668,7 +669,7 @@ class Network:
         for entry in sorted(root.iterdir()):
             if entry.name in declared or entry.name.startswith(".") or not entry.is_dir():
                 continue
-            config = _read_json(entry / "switch.json")
+            config = read_json(entry / "switch.json")
             bridge, subnet = str(config.get("bridge", "")), _subnet(config.get("subnet"))
             if subnet is None or (bridge and net.exists(bridge) and net.bridge_ports(bridge)):
                 continue  # a VM still uses it: it goes when the VM has gone
@@ -714,14 +715,6 @@ class Network:
                 log.info("removed bridge %s: no VM uses it", bridge)
         if left != created:
             self.state.set_created_bridges(left)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _subnet(text: object) -> IPv4Network | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import qga
-from reconciler.observed import Readiness, Record, StateDir, VMPaths
+from reconciler.observed import Readiness, Record, StateDir, VMPaths, read_json
 
 log = logging.getLogger("reconciler.probes")
 
@@ -68,14 +67,6 @@ def _switch_dir(state: StateDir, switch: str) -> Path:
     return state.root / "switches" / switch
 
 
-def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def lease_addresses(state: StateDir, record: Record) -> list[Address]:
     """The addresses local switches give this VM's MACs (static leases, then dnsmasq's)."""
     from reconciler.localnet import SwitchPaths, parse_leases
@@ -84,7 +75,7 @@ def lease_addresses(state: StateDir, record: Record) -> list[Address]:
     nics = record.spec.get("interfaces") or []
     for index, (nic, mac) in enumerate(zip(nics, record.macs, strict=False)):
         paths = SwitchPaths(_switch_dir(state, str(nic.get("switch", ""))))
-        ip = _json_file(paths.addresses).get(mac)
+        ip = read_json(paths.addresses).get(mac)
         if ip is None:
             with contextlib.suppress(OSError):
                 ip = parse_leases(paths.leases.read_text()).get(mac, (None, 0))[0]

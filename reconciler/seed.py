@@ -30,13 +30,14 @@ import io
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from reconciler.observed import atomic_write
 
 VOLUME = "cidata"
 SUDO = "ALL=(ALL) NOPASSWD:ALL"
@@ -188,19 +189,8 @@ def write_seed(path: Path, files: Mapping[str, bytes]) -> bool:
             return False
     except OSError:
         pass
-    image = iso_image(files)
-    for target, data in ((path, image), (sidecar, (digest + "\n").encode())):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write(path, iso_image(files))
+    atomic_write(sidecar, digest + "\n")
     return True
 
 

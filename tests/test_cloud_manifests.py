@@ -7,29 +7,14 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from test_desired import messages, tree, write
 
 from reconciler import desired
 from reconciler.desired import VM, CloudInit, host_routes
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKx3dRPXtoLOmDFRGnbn0Ha2Or6kO3kq1wzNtu9WsyZs ops@laptop"
 SECRET = "hunter2-secret-token"
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    (tmp_path / "vmlinuz").write_bytes(b"kernel")
-    return tmp_path
-
-
-def write(root: Path, name: str, text: str) -> Path:
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def messages(root: Path) -> list[str]:
-    return [str(e) for e in desired.load(root).errors]
+__all__ = ["tree"]  # the fixture, shared with test_desired
 
 
 def vm_with(cloud_init: str) -> str:
