@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,24 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
+    for switch in state.glob("switches/*/dnsmasq.json"):  # a local switch's DHCP
+        try:
+            os.kill(int(json.loads(switch.read_text())["pid"]), signal.SIGKILL)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of its own; what runs in it is killed at teardown."""
+    name = f"rt-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), 9)
+    subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def run_reconcile(state_dir: Path, *args: str | Path, env: dict[str, str] | None = None,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from conftest import (
     REPO,
     Run,
     alive,
+    netns,
     pid_of,
     serial,
     vm_manifest,
@@ -20,6 +25,8 @@ from conftest import (
 
 from reconciler import kvm
 from reconciler.observed import VMPaths
+
+__all__ = ["netns"]  # the fixture
 
 pytestmark = pytest.mark.qemu
 
@@ -48,28 +55,54 @@ def two_vms(tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile) 
     return manifests
 
 
+@pytest.fixture
+def examples(tmp_path: Path) -> Path:
+    """A copy of examples/ beside a link to guest/ (its relative paths hold), with a key
+    for examples/cloud: the repo's own copy may be in use by ./setup.sh's VMs."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples",
+                    ignore=shutil.ignore_patterns("*.qcow2", "ops*"))
+    (tmp_path / "guest").symlink_to(REPO / "guest")
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    shutil.copy(key.with_suffix(".pub"), tmp_path / "examples" / "cloud" / "ops.pub")
+    return tmp_path / "examples"
+
+
+@pytest.mark.debian
 def test_the_example_starts_real_vms_and_a_second_run_changes_nothing(
-    guest: Path, state_dir: Path, reconcile: Reconcile
+    examples: Path, state_dir: Path, netns: str,
 ) -> None:
-    first = reconcile("--once", "--wait", REPO / "examples", check=0)  # as ./setup.sh does
-    assert set(lines_by_vm(first)) == {"web-1", "db-1"}
+    def reconcile(*args: str | Path) -> Run:
+        env = dict(os.environ, RECONCILER_STATE_DIR=str(state_dir))
+        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m",
+                               "reconciler", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+
+    names = ("web-1", "db-1", "cloud-1")
+    first = reconcile("--once", "--wait", examples)  # as ./setup.sh does
+    assert set(lines_by_vm(first)) == set(names)
     assert all(v.startswith("changed") and "; ready after" in v
                for v in lines_by_vm(first).values()), first
-    for name in ("web-1", "db-1"):
-        wait_for_serial(state_dir, name)
-    pids = {name: pid_of(state_dir, name) for name in ("web-1", "db-1")}
+    pids = {name: pid_of(state_dir, name) for name in names}
 
-    second = reconcile("--once", REPO / "examples", check=0)
-    assert lines_by_vm(second) == {"web-1": "ok       running as desired, ready",
-                                   "db-1": "ok       running as desired, ready"}
-    assert "recap: 2 ok, 0 changed, 0 pending, 0 failed" in second.out
-    reconcile("--once", "--check", REPO / "examples", check=0)
+    second = reconcile("--once", examples)
+    assert lines_by_vm(second) == {name: "ok       running as desired, ready"
+                                   for name in names}
+    assert "recap: 3 ok, 0 changed, 0 pending, 0 failed" in second.out
+    reconcile("--once", "--check", examples)
     assert {name: pid_of(state_dir, name) for name in pids} == pids
 
-    status = json.loads(reconcile("status", "--json", check=0).out)
+    status = json.loads(reconcile("status", "--json").out)
     managed = {row["name"]: row for row in status if row["managed"]}
     assert {n: (r["state"], r["pid"]) for n, r in managed.items()} == {
         n: ("ready", pid) for n, pid in pids.items()}
+    assert [a["source"] for a in managed["cloud-1"]["addresses"]] == ["lease", "agent"]
+    hello = reconcile("ssh", "cloud-1", "-i", examples.parent / "key", "--",
+                      "cloud-init status --wait >/dev/null; cat /etc/motd")
+    assert hello.out == "cloud-1: declared by reconciler\n"
+    assert "guest powered off (guest agent)" in reconcile("down").out
 
 
 def test_a_memory_change_restarts_that_vm_only(
@@ -188,9 +221,9 @@ def test_validate_reports_every_error_without_touching_vms(
     assert run.code == 1 and run.out == ""
     assert run.err.splitlines() == [
         f"{tmp_path / 'a.yaml'}:3: vm 'a': vcpus must be at least 1 (got 0)",
-        f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, boot, "
-        "cdrom, disks, interfaces, kind, labels, memory, name, on_change, ready, restart, "
-        "state, stop_timeout, vcpus)",
+        f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, agent, "
+        "boot, cdrom, cloud_init, disks, interfaces, kind, labels, memory, name, on_change, "
+        "ready, restart, state, stop_timeout, vcpus)",
     ]
 
 

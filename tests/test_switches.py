@@ -4,31 +4,18 @@ with their VMs; a bridge that existed before is never removed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Run, vm_manifest, wait_for, wait_for_serial
+from conftest import Run, netns, vm_manifest, wait_for, wait_for_serial
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"rt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
-    for pid in pids.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), 9)
-    subprocess.run(["ip", "netns", "del", name], check=True)
+__all__ = ["netns"]  # the fixture
 
 
 def in_ns(ns: str, *argv: str) -> str:
