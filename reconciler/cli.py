@@ -73,6 +73,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     parser.add_argument("--debug", action="store_true",
                         help="log everything, with a traceback for unexpected errors")
+    parser.add_argument("--allow-dir", type=Path, action="append", default=None,
+                        metavar="DIR", help="only disks and images under DIR (repeatable; "
+                                            "symlinks resolved); default: any path")
     parser.add_argument("--max-manifest-size", type=_byte_size, default=None,
                         metavar="SIZE", help="refuse manifest files bigger than this "
                                              "(default 1M)")
@@ -244,17 +247,28 @@ def _max_bytes(args: argparse.Namespace) -> int:
     return size
 
 
+def _allowed(args: argparse.Namespace, *, say: bool = True) -> list[Path]:
+    """--allow-dir roots; without any, say once that manifests may name any host file."""
+    roots: list[Path] = getattr(args, "allow_dir", None) or []
+    if not roots and say:
+        print("reconcile: note: no --allow-dir given: manifests may use any host file as a "
+              "disk, kernel or image", file=sys.stderr)
+    return roots
+
+
 def _once(args: argparse.Namespace) -> int:
     from reconciler.loop import Outcome, reconcile_once
 
     state = _state(args)
     if args.check:
         report = asyncio.run(reconcile_once(args.path, state, check=True,
-                                            max_bytes=_max_bytes(args)))
+                                            max_bytes=_max_bytes(args),
+                                            allow_dirs=_allowed(args)))
     else:
         with state.locked():
             report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
-                                                wait=args.wait, max_bytes=_max_bytes(args)))
+                                                wait=args.wait, max_bytes=_max_bytes(args),
+                                                allow_dirs=_allowed(args)))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return report.exit_code()
@@ -278,7 +292,8 @@ def _once(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from reconciler import desired
 
-    loaded = desired.load(args.path, state_dir=_state(args).root, max_bytes=_max_bytes(args))
+    loaded = desired.load(args.path, state_dir=_state(args).root, max_bytes=_max_bytes(args),
+                          allow_dirs=_allowed(args, say=False))
     for error in loaded.errors:
         print(error, file=sys.stderr)
     if not loaded.files and not loaded.errors:
@@ -449,7 +464,8 @@ def _watch(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
-                      on_report=on_report, max_bytes=_max_bytes(args))
+                      on_report=on_report, max_bytes=_max_bytes(args),
+                      allow_dirs=_allowed(args))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, watch.stop)

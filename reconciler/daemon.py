@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,10 @@ class Watch:
     def __init__(self, manifests: Path, state: StateDir, *, resync: float = 30.0,
                  parallel: int = DEFAULT_PARALLEL,
                  on_report: Callable[[Report, float], None] | None = None,
-                 max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES) -> None:
+                 max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
+                 allow_dirs: Sequence[Path] = ()) -> None:
         self.manifests, self.state = manifests, state
+        self.allow_dirs = tuple(allow_dirs)
         self.resync, self.parallel, self.max_bytes = resync, parallel, max_bytes
         self.on_report = on_report or (lambda report, seconds: None)
         self.wake = asyncio.Event()
@@ -83,7 +85,8 @@ class Watch:
         self.retry_at = None
         try:
             report = await reconcile_once(self.manifests, self.state, parallel=self.parallel,
-                                          max_bytes=self.max_bytes)
+                                          max_bytes=self.max_bytes,
+                                          allow_dirs=self.allow_dirs)
         except Exception as err:  # one bad pass must not end the daemon
             log.error("pass failed: %s: %s", type(err).__name__, err)
             log.debug("pass failed", exc_info=True)

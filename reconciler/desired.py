@@ -161,6 +161,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     # Lexically normalised: symlinks stay as written.
     path = os.path.abspath(os.path.join(context.get("base_dir") or "", text))
     _check_placement(path, context.get("state_dir"), context.get("state_dirs", ()))
+    _check_allowed(path, context.get("allow_dirs", ()))
     return Path(path)
 
 
@@ -179,6 +180,17 @@ def _check_placement(written: str, state_dir: object, state_dirs: Sequence[str])
             if _inside(candidate, top):
                 raise ValueError(f"{clip(written)}{via} is under {top}; keep disks and "
                                  "images in regular files elsewhere")
+
+
+def _check_allowed(written: str, roots: Sequence[str]) -> None:
+    """With --allow-dir, a path (symlinks resolved) must lie under one of the roots."""
+    if not roots:
+        return
+    real = os.path.realpath(written)
+    if not any(_inside(real, root) for root in roots):
+        via = "" if real == written else f" (a symlink to {clip(real)})"
+        raise ValueError(f"{clip(written)}{via} is outside the allowed dirs "
+                         f"(--allow-dir {', '.join(roots)})")
 
 
 def _inside(path: str, top: str) -> bool:
@@ -687,11 +699,12 @@ class Manifests:
 
 
 def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
-         state_dir: Path | None = None) -> Manifests:
+         state_dir: Path | None = None, allow_dirs: Sequence[Path] = ()) -> Manifests:
     """Load and validate every manifest under root; collect every error.
 
     A file over max_bytes is an error, not read; no disk or image path may point
-    into state_dir (nor /proc, /sys, /dev).
+    into state_dir (nor /proc, /sys, /dev); with allow_dirs, every such path must lie
+    under one of them (symlinks resolved).
     """
     result = Manifests()
     listing = manifest_files(root)
@@ -699,6 +712,7 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     vms: dict[str, Declared] = {}
     switches: dict[str, DeclaredSwitch] = {}
     context = _context(state_dir)
+    context["allow_dirs"] = tuple(dict.fromkeys(os.path.realpath(d) for d in allow_dirs))
     context["referenced"] = referenced = set[Path]()  # cloud_init's *_file: data, not VMs
     for path in listing.files:
         data = read_manifest(path, max_bytes=max_bytes)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network
@@ -106,9 +106,11 @@ async def reconcile_once(
     manifests: Path, state: StateDir, *, check: bool = False,
     parallel: int = DEFAULT_PARALLEL, wait: bool = False,
     max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
+    allow_dirs: Sequence[Path] = (),
 ) -> Report:
     """Load, observe, plan and (unless check) apply, once; `wait`: until ready."""
-    loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes)
+    loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
+                              allow_dirs=allow_dirs)
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "

@@ -205,3 +205,4 @@ def test_a_user_data_file_beside_the_manifests_is_data_not_a_manifest(tree: Path
     loaded = desired.load(tree)
     assert loaded.errors == [] and list(loaded.vms) == ["c1"]
     assert [f.name for f in loaded.files] == ["vm.yaml"]
+

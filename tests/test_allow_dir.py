@@ -1,0 +1,71 @@
+"""--allow-dir: image roots. A path outside them (symlinks resolved) is a manifest
+error before anything is touched; without any root, each run says so."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Run, pid_of, vm_manifest
+from test_desired import tree, write
+
+from reconciler import desired
+
+__all__ = ["tree"]  # the fixture, shared with test_desired
+Reconcile = Callable[..., Run]
+
+
+def test_allow_dir_refuses_paths_outside_its_roots_even_through_a_symlink(
+    tree: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "vmlinuz").write_bytes(b"k")
+    (outside / "seed.yaml").write_text("#cloud-config\n{}\n")
+    (tree / "images").mkdir()
+    (tree / "images" / "link").symlink_to(outside / "vmlinuz")
+    path = write(tree, "vm.yaml", f"name: a\nboot: {{kernel: {outside}/vmlinuz}}\n"
+                 "---\nname: b\nboot: {kernel: images/link}\n"
+                 f"---\nname: c\nboot: {{kernel: vmlinuz}}\ncdrom: /etc/shadow\n"
+                 f"---\nname: d\nboot: {{kernel: vmlinuz}}\n"
+                 f"cloud_init: {{user_data_file: {outside}/seed.yaml}}\n")
+    loaded = desired.load(tree, allow_dirs=[tree])
+    found = [str(e) for e in loaded.errors]
+    root = os.path.realpath(tree)
+    assert found == [
+        f"{path}:2: vm 'a': boot.kernel: {outside}/vmlinuz is outside the allowed dirs "
+        f"(--allow-dir {root})",
+        f"{path}:5: vm 'b': boot.kernel: {tree}/images/link (a symlink to {outside}/vmlinuz) "
+        f"is outside the allowed dirs (--allow-dir {root})",
+        f"{path}:9: vm 'c': cdrom: /etc/shadow is outside the allowed dirs "
+        f"(--allow-dir {root})",
+        f"{path}:13: vm 'd': cloud_init.user_data_file: {outside}/seed.yaml is outside the "
+        f"allowed dirs (--allow-dir {root})",
+    ], found
+    assert loaded.vms == {}  # the file is broken: nothing in it is started or pruned
+    ok = desired.load(tree, allow_dirs=[tree, outside, Path("/etc")])
+    assert ok.errors == [] and sorted(ok.vms) == ["a", "b", "c", "d"]
+
+
+
+@pytest.mark.qemu
+def test_a_vm_outside_the_roots_is_refused_and_no_vm_is_touched(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile,
+) -> None:
+    manifests = tmp_path / "vms"
+    manifests.mkdir()
+    (manifests / "a.yaml").write_text(vm_manifest("a", guest))
+    first = reconcile("--once", "--allow-dir", REPO / "guest", manifests, check=0)
+    assert "no --allow-dir" not in first.err
+    pid = pid_of(state_dir, "a")
+    (tmp_path / "x.iso").write_bytes(b"\0" * 2048)
+    path = manifests / "a.yaml"
+    path.write_text(vm_manifest("a", guest) + f"cdrom: {tmp_path / 'x.iso'}\n")
+    refused = reconcile("--once", "--allow-dir", REPO / "guest", manifests, check=1)
+    assert f"{path}:7: vm 'a': cdrom: {tmp_path / 'x.iso'} is outside the allowed dirs" \
+        in refused.err, refused
+    assert pid_of(state_dir, "a") == pid and os.path.exists(f"/proc/{pid}")
+    unrestricted = reconcile("--once", manifests, check=0)
+    assert "reconcile: note: no --allow-dir given" in unrestricted.err
+    assert pid_of(state_dir, "a") != pid  # the cdrom is hardware: a restart
