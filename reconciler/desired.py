@@ -216,6 +216,23 @@ def _resolve_file(value: Path, info: ValidationInfo) -> Path:
     return path
 
 
+MAX_CPU = 4095
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as in taskset and cgroups ("0-1,3") -> the CPU numbers (pure)."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"must be a CPU list like 0-1,3 (got {shown(text)})")
+        low, high = int(first), int(last) if dash else int(first)
+        if low > high or high > MAX_CPU:
+            raise ValueError(f"{part}: not a CPU range (at most {MAX_CPU})")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
 class Boot(BaseModel):
     """Direct kernel boot (QEMU's -kernel, -initrd, -append) or firmware boot from a device."""
 
@@ -617,14 +634,22 @@ class VM(BaseModel):
     stop_timeout: Seconds = Field(30.0, ge=0, le=3600)
     ready: Ready | None = None
     agent: bool = False  # a virtio-serial channel for qemu-guest-agent
+    cpus: str | None = Field(None, max_length=256)  # vCPU pinning: host CPUs "0-1,3"
     cloud_init: CloudInit | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
     # Fields a running VM can follow without a restart; every other field is
     # hardware, and a change to it changes the spec hash.
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels"}
+        {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels", "cpus"}
     )
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpus(value)
+        return value
 
     @field_validator("cdrom")
     @classmethod

@@ -234,6 +234,23 @@ async def query_status(paths: VMPaths) -> str:
     return str(reply["status"])
 
 
+async def pin_vcpus(paths: VMPaths, cpus: frozenset[int]) -> list[int]:
+    """Each vCPU thread (QMP query-cpus-fast) onto the host CPUs given: their thread ids."""
+    online = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+    missing = sorted(cpus - online)
+    if missing:
+        raise ControlError(f"cpus: host CPU {missing[0]} does not exist here "
+                           f"(this host has 0-{(os.cpu_count() or 1) - 1})")
+    found = await execute(paths, "query-cpus-fast")
+    threads = [int(cpu["thread-id"]) for cpu in found if "thread-id" in cpu]
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except OSError as err:
+            raise ControlError(f"cannot pin vCPU thread {thread}: {err.strerror}") from err
+    return threads
+
+
 async def pause(paths: VMPaths) -> None:
     await execute(paths, "stop")
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from reconciler import desired as desired_mod
 from reconciler import faults, kvm, probes
-from reconciler.desired import VM, Declared, State, Switch
+from reconciler.desired import VM, Declared, State, Switch, parse_cpus
 from reconciler.observed import (
     Exit,
     ExitReason,
@@ -369,7 +369,7 @@ class _Applier:
     async def _one(self, action: Action) -> Result:
         try:
             if not action.changes:
-                self._refresh(action.vm)
+                await self._refresh(action.vm)
                 return _unapplied(action, Outcome.OK)
             step: Callable[[Action], Awaitable[str]] = getattr(self, f"_{action.kind.value}")
             async with self.slots:
@@ -385,7 +385,7 @@ class _Applier:
         return Result(action.vm, Outcome.CHANGED, action.kind, action.reason, detail,
                       after=action.after)
 
-    def _refresh(self, name: str) -> None:
+    async def _refresh(self, name: str) -> None:
         """Keep a running VM's record in step with the fields it follows live."""
         seen, decl = self.seen.get(name), self.declared.get(name)
         if seen is None or decl is None or seen.status is Status.EXITED:
@@ -393,6 +393,11 @@ class _Applier:
         spec, source = decl.vm.model_dump(mode="json"), str(decl.file.absolute())
         fresh = seen.record.spec == spec and seen.record.source == source
         if not fresh and seen.record.spec_hash == decl.vm.spec_hash():
+            live = seen.status in (Status.RUNNING, Status.PAUSED)
+            if live and spec.get("cpus") != seen.record.spec.get("cpus"):
+                detail = await self._pin(decl.vm)
+                if detail:
+                    log.info("vm '%s': %s", name, detail.lstrip("; "))
             self.state.update(name, seen.record.pid, spec=spec, source=source)
 
     async def _start(self, action: Action) -> str:
@@ -411,7 +416,14 @@ class _Applier:
             self.network.remove_taps(vm.name, [tap for tap, _ in taps])
             raise
         how = "started paused" if vm.state is State.PAUSED else "started"
-        return f"{how} (pid {record.pid}, {record.accel})"
+        return f"{how} (pid {record.pid}, {record.accel}){await self._pin(vm)}"
+
+    async def _pin(self, vm: VM) -> str:
+        """vCPU threads onto `cpus:` (sched_setaffinity; works without cgroups)."""
+        if vm.cpus is None:
+            return ""
+        threads = await kvm.pin_vcpus(self.state.paths(vm.name), parse_cpus(vm.cpus))
+        return f"; {len(threads)} vCPU thread(s) pinned to CPUs {vm.cpus}"
 
     async def _save(self, action: Action) -> str:
         """vmd's send: state to a file in the state dir, then the process ends."""
@@ -469,6 +481,7 @@ class _Applier:
             raise
         self.state.write(replace(record, saved=None, saved_pid=0))
         saved.unlink(missing_ok=True)
+        await self._pin(decl.vm)
         faults.hit("after-restore")
         if decl.vm.state is not State.PAUSED:
             await kvm.unpause(paths)  # a saved guest was stopped: it loads paused

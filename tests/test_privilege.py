@@ -1,5 +1,6 @@
-"""--allow-dir: image roots. A path outside them (symlinks resolved) is a manifest
-error before anything is touched; without any root, each run says so."""
+"""Least privilege (issue 10), as far as it is built: image roots (`--allow-dir`: a path
+outside them, symlinks resolved, is a manifest error before anything is touched; without
+any root each run says so) and vCPU pinning (`cpus:`, applied live)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,34 @@ def test_a_vm_outside_the_roots_is_refused_and_no_vm_is_touched(
     unrestricted = reconcile("--once", manifests, check=0)
     assert "reconcile: note: no --allow-dir given" in unrestricted.err
     assert pid_of(state_dir, "a") != pid  # the cdrom is hardware: a restart
+
+
+def cpus_allowed(pid: int) -> dict[int, str]:
+    """Cpus_allowed_list of each thread of pid."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found[int(task.name)] = line.split()[1]
+    return found
+
+
+@pytest.mark.qemu
+def test_vcpu_threads_are_pinned_and_follow_a_change_without_a_restart(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile,
+) -> None:
+    last = (os.cpu_count() or 1) - 1
+    manifests = tmp_path / "vms"
+    manifests.mkdir()
+    (manifests / "a.yaml").write_text(vm_manifest("a", guest, vcpus="2", cpus=f"'{last}'"))
+    run = reconcile("--once", manifests, check=0)
+    assert f"2 vCPU thread(s) pinned to CPUs {last}" in run.out, run
+    pid = pid_of(state_dir, "a")
+    pinned = [t for t, cpus in cpus_allowed(pid).items() if cpus == str(last)]
+    assert len(pinned) == 2  # the vCPU threads only; QEMU's others keep every CPU
+    (manifests / "a.yaml").write_text(vm_manifest("a", guest, vcpus="2", cpus="'0'"))
+    again = reconcile("--once", manifests, check=0)
+    assert "ok" in again.out and pid_of(state_dir, "a") == pid
+    assert sorted(cpus_allowed(pid)[t] for t in pinned) == ["0", "0"]
+    (manifests / "a.yaml").write_text(vm_manifest("a", guest, vcpus="2", cpus="'0-99'"))
+    assert "cpus: host CPU" in reconcile("--once", manifests, check=1).out
