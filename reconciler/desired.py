@@ -599,6 +599,10 @@ def user_data_problem(text: str) -> tuple[int, str] | None:
     if problems:
         return problems[0].line, f"#cloud-config: {problems[0].message}"
     data = construct(nodes[0]) if nodes else None
+    try:  # as cloud-init reads it (YAML 1.1): `when: 2001-02-30` is a date, and no day
+        yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (yaml.YAMLError, ValueError) as err:
+        return 1, f"#cloud-config does not load as cloud-init reads it: {clip(str(err))}"
     if data is not None and not isinstance(data, dict):
         return 1, "#cloud-config must be a mapping of cloud-init modules"
     return None

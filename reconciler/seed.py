@@ -64,7 +64,8 @@ def _cloud_config(*, hostname: str, user: str | None, keys: Sequence[str],
                   own: Mapping[str, Any], host_key: HostKey | None) -> dict[str, Any]:
     """The user's cloud-config with the manifest's keys merged in (theirs win on ties)."""
     config = dict(own)
-    config.setdefault("hostname", hostname)
+    if "fqdn" not in config:  # cloud-init takes the hostname from fqdn when given
+        config.setdefault("hostname", hostname)
     config.setdefault("preserve_hostname", False)
     config.setdefault("manage_etc_hosts", True)  # else sudo cannot resolve the hostname
     if user is not None:
@@ -131,8 +132,9 @@ def render(*, hostname: str, user: str | None, ssh_authorized_keys: Sequence[str
             try:
                 loaded = yaml.load(user_data, Loader=getattr(yaml, "CSafeLoader",
                                                              yaml.SafeLoader))
-            except yaml.YAMLError as err:
-                raise SeedError(f"user-data does not parse: {err}") from None
+            except (yaml.YAMLError, ValueError, RecursionError) as err:  # 2001-02-30
+                raise SeedError(f"user-data does not load as cloud-init reads it (YAML "
+                                f"1.1): {str(err)[:200]}") from None
             if loaded is not None and not isinstance(loaded, dict):
                 raise SeedError("#cloud-config must be a mapping")
             own = loaded or {}

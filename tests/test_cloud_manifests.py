@@ -206,3 +206,11 @@ def test_a_user_data_file_beside_the_manifests_is_data_not_a_manifest(tree: Path
     assert loaded.errors == [] and list(loaded.vms) == ["c1"]
     assert [f.name for f in loaded.files] == ["vm.yaml"]
 
+
+
+def test_user_data_cloud_init_would_fail_to_load_is_a_manifest_error(tree: Path) -> None:
+    path = write(tree, "vm.yaml", vm_with("  user_data: |\n    #cloud-config\n"
+                                          "    when: 2001-02-30\n"))
+    [error] = messages(tree)
+    assert error.startswith(f"{path}:5: vm 'c1': cloud_init: user_data line 1: #cloud-config "
+                            "does not load as cloud-init reads it: day is out of range"), error

@@ -70,6 +70,14 @@ def test_a_script_goes_beside_the_keys_in_a_multipart() -> None:
     assert files == render(user_data="#!/bin/sh\necho hello\n")  # deterministic
 
 
+def test_user_data_cloud_init_cannot_load_is_a_seed_error_not_a_crash() -> None:
+    # The manifest's core-schema YAML reads 2001-02-30 as a string; cloud-init's 1.1
+    # loader reads a date, and there is no such day.
+    with pytest.raises(seed.SeedError, match=r"YAML 1\.1"):
+        render(user_data="#cloud-config\nwhen: 2001-02-30\n")
+    assert "hostname" not in cloud_config(render(user_data="#cloud-config\nfqdn: a.b.c\n"))
+
+
 def test_network_config_matches_each_interface_by_mac_with_dhcp() -> None:
     config = yaml.safe_load(render(macs=["52:54:00:00:00:01", "52:54:00:00:00:02"])
                             ["network-config"])
