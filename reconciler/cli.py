@@ -248,11 +248,13 @@ def _max_bytes(args: argparse.Namespace) -> int:
 
 
 def _allowed(args: argparse.Namespace, *, say: bool = True) -> list[Path]:
-    """--allow-dir roots; without any, say once that manifests may name any host file."""
+    """--allow-dir roots; without any, say once that manifests may name any host file
+    (a warning: a line on stderr, or one of the daemon's log lines)."""
     roots: list[Path] = getattr(args, "allow_dir", None) or []
     if not roots and say:
-        print("reconcile: note: no --allow-dir given: manifests may use any host file as a "
-              "disk, kernel or image", file=sys.stderr)
+        logging.getLogger("reconciler").warning(
+            "no --allow-dir given: manifests may use any host file as a disk, kernel or "
+            "image")
     return roots
 
 

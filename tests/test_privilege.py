@@ -68,7 +68,7 @@ def test_a_vm_outside_the_roots_is_refused_and_no_vm_is_touched(
         in refused.err, refused
     assert pid_of(state_dir, "a") == pid and os.path.exists(f"/proc/{pid}")
     unrestricted = reconcile("--once", manifests, check=0)
-    assert "reconcile: note: no --allow-dir given" in unrestricted.err
+    assert "WARNING reconciler: no --allow-dir given" in unrestricted.err
     assert pid_of(state_dir, "a") != pid  # the cdrom is hardware: a restart
 
 
