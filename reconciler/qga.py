@@ -77,7 +77,7 @@ async def _read_json(reader: asyncio.StreamReader) -> Any:
         raise AgentUnavailable("the agent's channel closed") from err
     try:
         return json.loads(line.strip(DELIMITER + b" \r\n").decode(errors="replace") or "null")
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # [[[[... from a hostile guest
         raise AgentError(f"the agent sent malformed JSON: {line[:80]!r}") from err
 
 
@@ -89,8 +89,8 @@ async def _sync(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     while True:  # everything before the delimiter is a stale answer
         try:
             await reader.readuntil(DELIMITER)
-        except asyncio.LimitOverrunError:
-            await reader.readexactly(MAX_LINE)
+        except asyncio.LimitOverrunError as err:
+            await reader.readexactly(err.consumed)  # discard, then wait for more
             continue
         except asyncio.IncompleteReadError as err:
             raise AgentUnavailable("the agent's channel closed") from err
@@ -100,7 +100,9 @@ async def _sync(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             answer = await _read_json(reader)
         except AgentUnavailable:
             raise
-        except AgentError:
+        except AgentError as err:
+            if isinstance(err.__cause__, asyncio.LimitOverrunError):
+                raise  # the line stays in the buffer: retrying would spin, never await
             continue
         if isinstance(answer, dict) and answer.get("return") == token:
             return

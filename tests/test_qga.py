@@ -38,6 +38,10 @@ class FakeAgent:
                 if self.mode == "silent":
                     continue
                 if command == "guest-sync-delimited":
+                    if self.mode == "huge-after-delimiter":
+                        writer.write(b"\xff" + b"x" * (2 << 20) + b"\n")
+                        await writer.drain()
+                        continue
                     if self.mode == "stale":
                         writer.write(b'{"return": 7}\n\xffgarbage{"return": 1}\n')
                     writer.write(b"\xff" + json.dumps(
@@ -46,6 +50,8 @@ class FakeAgent:
                     writer.write(b"{not json\n")
                 elif self.mode == "huge":
                     writer.write(b"x" * (2 << 20) + b"\n")
+                elif self.mode == "deep":
+                    writer.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
                 elif self.mode == "error":
                     writer.write(b'{"error": {"class": "GenericError", "desc": "nope"}}\n')
                 elif command == "guest-shutdown":
@@ -109,6 +115,8 @@ def test_a_missing_socket_is_unavailable_at_once(tmp_path: Path) -> None:
     ("error", qga.AgentCommandError, "GenericError: nope"),
     ("bad-json", qga.AgentError, "malformed JSON"),
     ("huge", qga.AgentError, "over"),
+    ("deep", qga.AgentError, "malformed JSON"),
+    ("huge-after-delimiter", qga.AgentError, "over"),
 ])
 def test_a_misbehaving_guest_gives_an_agent_error_and_nothing_else(
     tmp_path: Path, mode: str, error: type[Exception], match: str,
