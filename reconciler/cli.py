@@ -383,7 +383,7 @@ def _down(args: argparse.Namespace) -> int:
 
 def _ssh(args: argparse.Namespace) -> int:
     """exec the system ssh to the VM, verifying the host key the reconciler pinned."""
-    from reconciler import probes
+    from reconciler import probes, seed
     from reconciler.observed import atomic_write, is_alive
 
     state = _state(args)
@@ -406,11 +406,12 @@ def _ssh(args: argparse.Namespace) -> int:
     address, paths = found[0].ipv4, state.paths(args.name)
     argv = ["ssh"]
     try:
-        public = paths.host_key.with_suffix(".pub").read_text().split()
-    except OSError:
-        public = []
-    if len(public) >= 2:  # pinned: the first connection is verified, not trusted
-        atomic_write(paths.known_hosts, f"{address} {public[0]} {public[1]}\n")
+        pinned = seed.known_hosts_line([address], paths.host_key.with_suffix(".pub")
+                                       .read_text())
+    except (OSError, ValueError):
+        pinned = ""
+    if pinned:  # the first connection is verified, not trusted
+        atomic_write(paths.known_hosts, pinned)
         argv += ["-o", f"UserKnownHostsFile={paths.known_hosts}",
                  "-o", "StrictHostKeyChecking=yes", "-o", "CheckHostIP=no"]
     else:

@@ -356,11 +356,10 @@ class _Applier:
         """Each local switch's address, DHCP and NAT, before any VM on it starts."""
         if not self.local and not self.state.switches_dir.is_dir():
             return
-        macs = {vm.name: list(vm.record.macs) for vm in self.seen.values()
-                if vm.status is not Status.EXITED}
+        running = [vm.record for vm in self.seen.values() if vm.status is not Status.EXITED]
         try:
             for line in await asyncio.to_thread(self.network.ensure_local, self.local,
-                                                self.declared, macs):
+                                                self.declared, running):
                 log.info("%s", line)
         except Exception as err:  # VMs on other switches go on; this is reported
             log.debug("local switches failed", exc_info=True)
@@ -630,7 +629,7 @@ class Network:
                 log.warning("vm '%s': %s", vm, err)
 
     def ensure_local(self, local: dict[str, Switch], declared: dict[str, Declared],
-                     running: dict[str, list[str]]) -> list[str]:
+                     running: list[Record]) -> list[str]:
         """Converge every local switch: bridge, its address, dnsmasq with a static lease
         for each declared VM interface (and each running VM's, so a VM whose manifest
         broke keeps its address), NAT. One sentence per change."""
@@ -661,7 +660,7 @@ class Network:
             atomic_write(paths.dir / "switch.json", json.dumps({
                 "subnet": str(subnet), "bridge": switch.bridge, "nat": switch.nat,
                 "dns": switch.dns}) + "\n")
-            macs, names = _macs_on(name, declared, running, self.state)
+            macs, names = _macs_on(name, declared, running)
             gw = gateway(subnet)
             if net.ensure_address(switch.bridge, str(gw.ip), gw.network.prefixlen):
                 done.append(f"switch '{name}': {switch.bridge} has address {gw}")
@@ -739,8 +738,8 @@ def _subnet(text: object) -> IPv4Network | None:
         return None
 
 
-def _macs_on(switch: str, declared: dict[str, Declared], running: dict[str, list[str]],
-             state: StateDir) -> tuple[list[str], dict[str, str]]:
+def _macs_on(switch: str, declared: dict[str, Declared], running: list[Record]
+             ) -> tuple[list[str], dict[str, str]]:
     """The guest MACs on a switch (declared VMs, and running ones as recorded), with the
     host name each should get from DHCP."""
     from reconciler.net import mac_address
@@ -750,13 +749,11 @@ def _macs_on(switch: str, declared: dict[str, Declared], running: dict[str, list
         for index, nic in enumerate(decl.vm.interfaces):
             if nic.switch == switch:
                 names[nic.mac or mac_address(decl.vm.name, index)] = decl.vm.hostname
-    records, _ = state.records()
-    for name, macs in running.items():
-        record = records.get(name)
-        nics = record.spec.get("interfaces") or [] if record else []
-        for nic, mac in zip(nics, macs, strict=False):
+    for record in running:  # as observed this pass: no second read of the records
+        nics = record.spec.get("interfaces") or []
+        for nic, mac in zip(nics, record.macs, strict=False):
             if nic.get("switch") == switch:
-                names.setdefault(mac, name)
+                names.setdefault(mac, record.name)
     return sorted(names), names
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import qga
-from reconciler.observed import Readiness, Record, StateDir, VMPaths, read_json
+from reconciler.observed import (
+    Readiness,
+    Record,
+    StateDir,
+    VMPaths,
+    console_since,
+    console_tail,
+    read_json,
+)
 
 log = logging.getLogger("reconciler.probes")
 
@@ -192,7 +199,8 @@ async def assess(record: Record, state: StateDir, *, now: float) -> Verdict:
                        ready_at=now, changes=changes)
     if now > record.started_at + float(spec.get("timeout", 60)):
         detail = unready_message(failing, float(spec.get("timeout", 60)),
-                                 _console_tail(state.paths(record.name), record)
+                                 console_tail(console_since(state.paths(record.name),
+                                                           record.serial_offset, limit=8192))
                                  if spec.get("serial") else "")
         return Verdict(Readiness.UNREADY, detail, tuple(passed), scanned, changes=changes)
     return Verdict(Readiness.STARTING, "waiting for " + "; ".join(failing), tuple(passed),
@@ -204,14 +212,3 @@ def unready_message(failing: list[str], timeout: float, tail: str) -> str:
     message = f"not ready within {timeout:g}s: {'; '.join(failing)}"
     return f"{message}; console tail:\n{tail}" if tail else message
 
-
-def _console_tail(paths: VMPaths, record: Record, lines: int = 10) -> str:
-    try:
-        with paths.serial_log.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(record.serial_offset, size - 8192))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    clean = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
-    return "\n".join(clean[-lines:])

@@ -216,6 +216,10 @@ def ensure_host_key(directory: Path, *, comment: str) -> HostKey:
     return HostKey(private.read_text(), public.read_text().strip())
 
 
-def known_hosts_line(hosts: Sequence[str], key: HostKey) -> str:
-    kind, blob = key.public.split()[:2]
-    return f"{','.join(hosts)} {kind} {blob}\n"
+def known_hosts_line(hosts: Sequence[str], public: str) -> str:
+    """A known_hosts line pinning one public key ('ssh-ed25519 AAAA... comment') for hosts;
+    ValueError when public is not a key."""
+    parts = public.split()
+    if len(parts) < 2:
+        raise ValueError("not an SSH public key")
+    return f"{','.join(hosts)} {parts[0]} {parts[1]}\n"

@@ -142,7 +142,7 @@ def test_the_host_key_is_made_once_and_kept(tmp_path: Path) -> None:
     assert key.public.startswith("ssh-ed25519 ") and "PRIVATE KEY" in key.private
     assert stat.S_IMODE((tmp_path / "ssh_host_ed25519_key").stat().st_mode) == 0o600
     assert seed.ensure_host_key(tmp_path, comment="other") == key
-    line = seed.known_hosts_line(["10.0.0.5"], key)
+    line = seed.known_hosts_line(["10.0.0.5"], key.public)
     assert line == f"10.0.0.5 {' '.join(key.public.split()[:2])}\n"
 
 
