@@ -2,7 +2,8 @@
 # Set everything up on a fresh Debian 12 machine, then reconcile the bundled example:
 #   Debian packages (QEMU, qemu-img, busybox, dnsmasq, nftables, ssh), the `reconciler`
 #   package in .venv, the busybox test guest (guest/out/), the Debian 12 cloud guest
-#   (guest/out-debian/), a key for examples/cloud/, and `reconcile --once --wait
+#   (guest/out-debian/), the system user QEMU runs as (reconciler-qemu), a key for
+#   examples/cloud/, and `reconcile --once --wait
 #   examples/` (three real VMs; cloud-1 on a local switch you can `reconcile ssh` into).
 # Usage: ./setup.sh [--no-run]      (--no-run: set up only)
 set -euo pipefail
@@ -33,6 +34,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# QEMU never runs as root: each VM's QEMU runs as this system user (or its `owner`),
+# on descriptors the reconciler opens for it. In group kvm where the host has one.
+if ! getent passwd reconciler-qemu >/dev/null; then
+    echo "setup: creating system user reconciler-qemu"
+    $sudo useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin reconciler-qemu
+fi
+if getent group kvm >/dev/null && ! id -nG reconciler-qemu | grep -qw kvm; then
+    $sudo usermod -a -G kvm reconciler-qemu
+fi
 
 guest/build.sh
 $sudo guest/build-debian.sh

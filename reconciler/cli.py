@@ -339,13 +339,17 @@ def _status(args: argparse.Namespace) -> int:
             "exit": vm.exit.reason.value if vm.exit else None,
             "addresses": [a.to_json() for a in addresses.get(name, [])],
             "detail": vm.detail or vm.ready_detail.split("\n", 1)[0],
+            "resources": record.limits,
         })
+        if alive and record.limits and record.limits.get("state") == "pending":
+            pending = f"resources pending: {record.limits.get('reason', '')}"
+            rows[-1]["detail"] = "; ".join(filter(None, (rows[-1]["detail"], pending)))
     live = {vm.record.pid for vm in seen.values() if vm.status in (Status.RUNNING, Status.PAUSED)}
-    for pid, cmd in kvm.unmanaged_qemu(live):
+    for pid, cmd in kvm.unmanaged_qemu(live, state.vms_dir):
         rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
                      "memory": None, "accel": None, "restarts": None, "reboots": None,
                      "managed": False, "source": None, "exit": None, "addresses": [],
-                     "detail": ""})
+                     "detail": "", "resources": None})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -411,8 +415,18 @@ def _ssh(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         pinned = ""
     if pinned:  # the first connection is verified, not trusted
-        atomic_write(paths.known_hosts, pinned)
-        argv += ["-o", f"UserKnownHostsFile={paths.known_hosts}",
+        known = paths.known_hosts
+        try:
+            atomic_write(known, pinned)
+        except PermissionError:  # the VM's owner, not root: a file of their own
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix=f"reconcile-{args.name}-",
+                                        suffix=".known_hosts")
+            with os.fdopen(fd, "w") as f:
+                f.write(pinned)
+            known = Path(name)
+        argv += ["-o", f"UserKnownHostsFile={known}",
                  "-o", "StrictHostKeyChecking=yes", "-o", "CheckHostIP=no"]
     else:
         print(f"reconcile ssh: vm '{args.name}' has no pinned host key (no cloud_init:); "

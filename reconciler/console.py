@@ -209,6 +209,9 @@ def main(state_dir: Path, name: str) -> int:
     paths = state.paths(name)
     if not name or "/" in name or name in (".", "..") or not paths.dir.is_dir():
         return _error(f"no vm '{name}' in {state.root}")
+    if not os.access(paths.dir, os.X_OK):
+        return _error(f"vm '{name}' is not yours: only root and its owner's group may "
+                      "attach to its console")
     gone = f"vm '{name}' is not running"
     if not paths.serial.exists():
         return _error(f"{gone} (its console socket is gone)")

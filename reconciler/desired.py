@@ -618,6 +618,29 @@ def _check_user_data(text: str, *, from_file: Path | None) -> None:
     raise CloudInitText(f"user_data line {line}: {message}", line=line)
 
 
+# vm.conf's owner: USER[:GROUP] (POSIX portable user and group names).
+OWNER_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}(:[a-z_][a-z0-9_.-]{0,31})?$"
+
+
+class Resources(BaseModel):
+    """Per-VM limits, applied with cgroup v2 (`cgroups.place`); none are required."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_weight: int | None = Field(None, ge=1, le=10000)
+    cpu_max: str | None = Field(None, pattern=r"^(max|[0-9]{1,5}(\.[0-9]{1,2})?%)$")
+    memory_max: MiB | None = Field(None, ge=16)
+    io_weight: int | None = Field(None, ge=1, le=10000)
+    pids_max: int | None = Field(None, ge=16, le=4_194_304)
+
+    @field_validator("cpu_max")
+    @classmethod
+    def _cpu_max(cls, value: str | None) -> str | None:
+        if value not in (None, "max") and float(value.rstrip("%")) < 1:
+            raise ValueError("must be at least 1% (or max)")
+        return value
+
+
 class VM(BaseModel):
     """One `kind: VM` document."""
 
@@ -641,11 +664,15 @@ class VM(BaseModel):
     cpus: str | None = Field(None, max_length=256)  # vCPU pinning: host CPUs "0-1,3"
     cloud_init: CloudInit | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    # vm.conf's owner: QEMU runs as USER[:GROUP], who may `status`/`console` this VM.
+    owner: str | None = Field(None, pattern=OWNER_PATTERN)
+    resources: Resources | None = None  # cgroup v2 limits, changed live
 
     # Fields a running VM can follow without a restart; every other field is
     # hardware, and a change to it changes the spec hash.
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels", "cpus"}
+        {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels", "cpus",
+         "resources"}
     )
 
     @field_validator("cpus")
@@ -653,6 +680,28 @@ class VM(BaseModel):
     def _cpus(cls, value: str | None) -> str | None:
         if value is not None:
             parse_cpus(value)
+        return value
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or (info.context or {}).get("from_record"):
+            return value
+        import grp
+        import pwd
+
+        user, _, group = value.partition(":")
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise ValueError(f"user '{user}' does not exist on this host") from None
+        if group:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ValueError(f"group '{group}' does not exist on this host") from None
+        if uid == 0 or group == "root":
+            raise ValueError("QEMU never runs as root: name an unprivileged user")
         return value
 
     @field_validator("cdrom")
@@ -669,6 +718,11 @@ class VM(BaseModel):
         if self.ready is not None and self.ready.agent and not self.agent:
             raise ValueError("ready: {agent: true} needs agent: true on the VM "
                              "(the guest agent's channel)")
+        limit = self.resources.memory_max if self.resources else None
+        if limit is not None and limit <= self.memory:
+            raise ValueError(f"resources.memory_max ({limit}M) must be above memory "
+                             f"({self.memory}M): QEMU needs its own memory on top of the "
+                             "guest's")
         if self.ready is not None and self.ready.tcp is not None and not self.interfaces:
             raise ValueError(f"ready: {{tcp: {self.ready.tcp}}} needs an interface to "
                              "connect to (interfaces:)")
@@ -683,7 +737,10 @@ class VM(BaseModel):
 
     def hardware(self) -> dict[str, Any]:
         """The part of the spec that QEMU was started with (JSON-ready)."""
-        return self.model_dump(mode="json", exclude=set(self.LIVE_FIELDS))
+        found = self.model_dump(mode="json", exclude=set(self.LIVE_FIELDS))
+        if found.get("owner") is None:  # as before owners: a running VM is not restarted
+            found.pop("owner", None)
+        return found
 
     def spec_hash(self) -> str:
         blob = json.dumps(self.hardware(), sort_keys=True, separators=(",", ":"))

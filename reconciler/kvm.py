@@ -21,13 +21,14 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reconciler import faults, storage
+from reconciler import faults, privsep, storage
 from reconciler.desired import VM, Accel
 from reconciler.observed import (
     MAX_SOCKET_PATH,
@@ -39,6 +40,7 @@ from reconciler.observed import (
     open_pidfd,
     process_start_time,
 )
+from reconciler.privsep import Handoff, Identity, PrivsepError
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -108,58 +110,62 @@ def opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, binary: str = QEMU,
-              taps: Sequence[tuple[str, str]] = ()) -> list[str]:
+def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, files: Handoff,
+              binary: str = QEMU, taps: Sequence[tuple[int, str]] = ()) -> list[str]:
     """The QEMU command line for vm, as an argv list (never a shell).
 
-    `taps`: (tap device, MAC) for each of vm's interfaces, in order.
+    Every file and socket QEMU uses comes from `files` (opened here, by us, as it
+    names them: privsep), so QEMU needs no path of the host. `taps`: (descriptor,
+    MAC) for each of vm's interfaces, in order.
     """
+    _, console_log = files.log(paths.serial_log)  # its tag names the VM (observed.runs_vm)
     argv = [
         binary, "-nodefaults", "-no-user-config",
         "-name", f"guest={opt(vm.name)}",
         "-machine", "pc", "-accel", accel,
         "-m", f"{vm.memory}M", "-smp", str(vm.vcpus),
         "-display", "none",
-        "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={files.listen(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", (f"socket,id=serial0,path={opt(paths.serial)},server=on,wait=off,"
-                     f"logfile={opt(paths.serial_log)},logappend=on"),
+        "-chardev", (f"socket,id=serial0,fd={files.listen(paths.serial)},server=on,wait=off,"
+                     f"logfile={console_log},logappend=on"),
         "-serial", "chardev:serial0",
         # Exits the loop can explain: a reset ends QEMU, a panic is seen (pvpanic) and
-        # fails it, the shutdown cause is traced to qemu.log, and a clean exit removes
-        # the pidfile (a kill leaves it behind).
+        # fails it, the shutdown cause is traced to qemu.log, and so is a clean exit
+        # (a kill traces nothing). No pidfile: QEMU may write no path of the host.
         "-no-reboot",
         "-device", "pvpanic",
         "-action", "panic=exit-failure",
         "-trace", "qemu_system_shutdown_request",
-        "-pidfile", str(paths.pidfile),
+        "-trace", "vm_state_notify",
         "-sandbox", SANDBOX,
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     # -kernel, -initrd and -append take their argument verbatim (no option parsing).
     if vm.boot.kernel is not None:
-        argv += ["-kernel", str(vm.boot.kernel)]
+        argv += ["-kernel", files.copy(vm.boot.kernel, mapped=False)]
     if vm.boot.initrd is not None:
-        argv += ["-initrd", str(vm.boot.initrd)]
+        argv += ["-initrd", files.copy(vm.boot.initrd, mapped=True)]
     if vm.boot.cmdline:
         argv += ["-append", vm.boot.cmdline]
-    argv += _storage_args(vm)
+    argv += _storage_args(vm, files)
     if vm.cloud_init is not None:  # after the disks: the guest's root stays /dev/vda
-        argv += _drive("seed", paths.seed, fmt="raw", readonly=True, driver="ide-cd")
+        argv += _drive("seed", files.fdset(paths.seed, writable=False), fmt="raw",
+                       readonly=True, driver="ide-cd")
     if vm.agent:
         argv += [
-            "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
+            "-chardev", f"socket,id=qga0,fd={files.listen(paths.agent)},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser0",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
     for index, (tap, mac) in enumerate(taps):
-        argv += ["-netdev", f"tap,id=net{index},ifname={opt(tap)},script=no,downscript=no",
+        argv += ["-netdev", f"tap,id=net{index},fd={tap}",
                  "-device", _json({"driver": "virtio-net-pci", "netdev": f"net{index}",
                                    "mac": mac, "id": f"nic{index}"})]
     if paused:
         argv.append("-S")
-    return argv
+    return [*argv, *files.options]
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -167,34 +173,54 @@ def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _storage_args(vm: VM) -> list[str]:
+def _storage_args(vm: VM, files: Handoff) -> list[str]:
     """-blockdev/-device for the disks and the cdrom, formats always explicit."""
     argv: list[str] = []
-    media = [(f"disk{i}", d.path, d.format.value, d.readonly,
-              "virtio-blk-pci" if d.bus == "virtio" else "ide-hd")
-             for i, d in enumerate(vm.disks)]
-    if vm.cdrom is not None:
-        media.append(("cd0", vm.cdrom, "raw", True, "ide-cd"))
     boot = {"disk": "disk0", "cdrom": "cd0"}.get(vm.boot.device or "")
-    for node, path, fmt, readonly, driver in media:
-        argv += _drive(node, path, fmt=fmt, readonly=readonly, driver=driver,
-                       boot=node == boot)
+    for i, disk in enumerate(vm.disks):
+        node = f"disk{i}"
+        backing = None
+        if disk.base is not None and storage.backing_of(disk) is not None:
+            # The declared base, as the overlay names it: handed over, not opened by name.
+            backing = f"{node}-base"
+            argv += _blockdevs(backing, files.fdset(disk.base, writable=False),
+                               fmt=disk.base_format.value, readonly=True)
+        argv += _blockdevs(node, files.fdset(disk.path, writable=not disk.readonly),
+                           fmt=disk.format.value, readonly=disk.readonly, backing=backing)
+        argv += _device(node, "virtio-blk-pci" if disk.bus == "virtio" else "ide-hd",
+                        boot=node == boot)
+    if vm.cdrom is not None:
+        argv += _drive("cd0", files.fdset(vm.cdrom, writable=False), fmt="raw",
+                       readonly=True, driver="ide-cd", boot=boot == "cd0")
     return argv
 
 
-def _drive(node: str, path: Path, *, fmt: str, readonly: bool, driver: str,
-           boot: bool = False) -> list[str]:
-    """-blockdev (file, then format) and -device for one image, as JSON."""
+def _blockdevs(node: str, filename: str, *, fmt: str, readonly: bool,
+               backing: str | None = None) -> list[str]:
+    """-blockdev file, then format, for one image."""
+    image: dict[str, Any] = {"driver": fmt, "file": f"{node}-file", "node-name": node,
+                             "read-only": readonly}
+    if backing is not None:
+        image["backing"] = backing
+    return [
+        "-blockdev", _json({"driver": "file", "filename": filename,
+                            "node-name": f"{node}-file", "read-only": readonly}),
+        "-blockdev", _json(image),
+    ]
+
+
+def _device(node: str, driver: str, *, boot: bool = False) -> list[str]:
     device: dict[str, Any] = {"driver": driver, "drive": node, "id": f"{node}-dev"}
     if boot:
         device["bootindex"] = 1
-    return [
-        "-blockdev", _json({"driver": "file", "filename": str(path),
-                            "node-name": f"{node}-file", "read-only": readonly}),
-        "-blockdev", _json({"driver": fmt, "file": f"{node}-file", "node-name": node,
-                            "read-only": readonly}),
-        "-device", _json(device),
-    ]
+    return ["-device", _json(device)]
+
+
+def _drive(node: str, filename: str, *, fmt: str, readonly: bool, driver: str,
+           boot: bool = False) -> list[str]:
+    """-blockdev (file, then format) and -device for one image, as JSON."""
+    return [*_blockdevs(node, filename, fmt=fmt, readonly=readonly),
+            *_device(node, driver, boot=boot)]
 
 
 # --- QMP ------------------------------------------------------------------
@@ -268,21 +294,40 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def _spawn(argv: list[str], paths: VMPaths) -> int:
-    """Start QEMU in its own session, output to qemu.log: it outlives this process."""
+# Our QEMU children, until reaped: a Popen dropped while its child runs would be
+# waited on by the subprocess module behind reap()'s back.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _spawn(argv: list[str], paths: VMPaths, who: Identity | None, fds: Sequence[int]
+           ) -> int:
+    """Start QEMU in its own session, as who, output to qemu.log: it outlives this process.
+
+    The child drops to who's uid, gid and groups before exec (no capability survives
+    setuid from root) and gets exactly `fds` beyond stdio. Its umask lets who's group
+    in (the group is the VM's: privsep).
+    """
     binary = shutil.which(argv[0])
     if binary is None:
         raise LaunchError(f"{argv[0]} not found; install qemu-system-x86",
                           argv=argv, exit_code=None, output="")
-    out = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    out = os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                  0o600)
+    drop: dict[str, Any] = {}
+    if who is not None:
+        privsep.owns(paths.qemu_log, who, mode=0o640, fd=out)
+        drop = {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
     try:
-        return os.posix_spawn(binary, argv, os.environ, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, out, 2),
-        ])
+        child = subprocess.Popen(
+            argv, executable=binary, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            pass_fds=fds, start_new_session=True, umask=0o007, **drop)
+    except OSError as err:
+        raise LaunchError(f"cannot run {binary}: {err.strerror}", argv=argv,
+                          exit_code=None, output="") from err
     finally:
         os.close(out)
+    _children[child.pid] = child
+    return child.pid
 
 
 def reap(pid: int) -> int | None:
@@ -296,7 +341,12 @@ def reap(pid: int) -> int | None:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return None
-    return os.waitstatus_to_exitcode(status) if done else None
+    if not done:
+        return None
+    code = os.waitstatus_to_exitcode(status)
+    if (child := _children.pop(pid, None)) is not None:
+        child.returncode = code  # reaped: the subprocess module must not wait on it
+    return code
 
 
 RESTORE_RATE = 64 * 1024**2  # bytes/s a restore is given at least (slow disks, TCG)
@@ -335,7 +385,6 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                           exit_code=None, output="")
     try:
         serial_offset = paths.serial_log.stat().st_size
-        os.chmod(paths.serial_log, 0o600)  # the console may show a root shell
     except FileNotFoundError:
         serial_offset = 0
     for disk in vm.disks:
@@ -347,7 +396,39 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         if created:
             log.info("vm '%s': %s", vm.name, created)
     accel = choose_accel(vm.accel)
-    argv = qemu_argv(vm, paths, accel=accel, paused=paused, taps=taps)
+    try:
+        who = privsep.identity(vm.owner)
+        if accel == "kvm" and not privsep.can_open_kvm(who):
+            raise PrivsepError(f"user {who.user if who else os.geteuid()} may not open "
+                               "/dev/kvm: add it to group kvm (and give /dev/kvm to that "
+                               "group), or declare accel: tcg")
+        privsep.prepare_dir(paths, who)
+    except (PrivsepError, OSError) as err:
+        raise LaunchError(f"vm '{vm.name}': {err}", argv=[], exit_code=None,
+                          output="") from err
+    files = Handoff(who)
+    try:
+        return await _launch(vm, paths, source=source, paused=paused, remember=remember,
+                             history=history, restore_from=restore_from, taps=taps,
+                             keep=keep, accel=accel, files=files,
+                             serial_offset=serial_offset)
+    finally:
+        files.close()
+
+
+async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
+                  remember: Callable[[Record], None], history: Mapping[str, int],
+                  restore_from: Path | None, taps: Sequence[tuple[str, str]],
+                  keep: Mapping[str, Any] | None, accel: str, files: Handoff,
+                  serial_offset: int) -> Record:
+    for stale in (paths.qmp, paths.serial, paths.pidfile, paths.agent):  # none alive
+        stale.unlink(missing_ok=True)
+    try:
+        argv = qemu_argv(vm, paths, accel=accel, paused=paused, files=files,
+                         taps=[(files.tap(tap), mac) for tap, mac in taps])
+    except PrivsepError as err:
+        raise LaunchError(f"vm '{vm.name}': {err}", argv=[], exit_code=None,
+                          output="") from err
     timeout = LAUNCH_TIMEOUT
     if restore_from is not None:
         timeout = restore_timeout(restore_from.stat().st_size)
@@ -362,18 +443,12 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     record = replace(record, **(keep or {}))
     remember(record)  # the intent, before anything runs
     faults.hit("before-spawn")
-    for stale in (paths.qmp, paths.serial, paths.pidfile, paths.agent):  # none alive
-        stale.unlink(missing_ok=True)
-    incoming = None
     if restore_from is not None:
-        incoming = os.open(restore_from, os.O_RDONLY)
-        os.set_inheritable(incoming, True)
+        incoming = os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC)
+        files.fds.append(incoming)
         argv = [*argv, "-incoming", f"fd:{incoming}"]
-    try:
-        pid = _spawn(argv, paths)
-    finally:
-        if incoming is not None:
-            os.close(incoming)
+    pid = _spawn(argv, paths, files.who, files.fds)
+    files.close(keep_copies=True)  # QEMU has its own: if it dies, its sockets close
     faults.hit("after-spawn")
     try:
         record = replace(record, pid=pid, start_time=process_start_time(pid) or 0, argv=argv)
@@ -381,6 +456,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         if restore_from is not None:
             faults.hit("mid-restore")
         await _wait_up(record, paths, timeout=timeout, restoring=restore_from is not None)
+        files.loaded()
     except ControlError as err:
         await _kill(pid)
         what = "restore did not load" if restore_from else "QMP did not answer"
@@ -631,8 +707,13 @@ async def _migration_done(client: QMPClient, *, timeout: float) -> None:
     raise ControlError(f"migration did not complete within {timeout:.0f}s")
 
 
-def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:
-    """QEMU processes on this host that are not in `known` pids: (pid, guest name)."""
+def unmanaged_qemu(known: set[int], state: Path | None = None) -> list[tuple[int, str]]:
+    """QEMU processes on this host that are not in `known` pids: (pid, guest name).
+
+    `state`: a state dir's vms/; its QEMUs are not foreign even when their records are
+    not ours to read (an owner's `status` shows their own VMs, not others' as unmanaged).
+    """
+    mine = f"opaque={state}/".encode() if state is not None else None
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) in known:
@@ -644,6 +725,8 @@ def unmanaged_qemu(known: set[int]) -> list[tuple[int, str]]:
                 continue
             args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
+            continue
+        if mine is not None and any(mine in arg for arg in args):
             continue
         name = f"pid-{proc.name}"
         for flag, value in itertools.pairwise(args):

@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from reconciler import cgroups, faults, kvm, probes
 from reconciler import desired as desired_mod
-from reconciler import faults, kvm, probes
 from reconciler.desired import VM, Declared, State, Switch, parse_cpus
 from reconciler.observed import (
     Exit,
@@ -393,11 +393,13 @@ class _Applier:
         fresh = seen.record.spec == spec and seen.record.source == source
         if not fresh and seen.record.spec_hash == decl.vm.spec_hash():
             live = seen.status in (Status.RUNNING, Status.PAUSED)
-            if live and spec.get("cpus") != seen.record.spec.get("cpus"):
-                detail = await self._pin(decl.vm)
+            placed = ("cpus", "resources")
+            if live and any(spec.get(k) != seen.record.spec.get(k) for k in placed):
+                detail = await self._place(decl.vm, seen.record.pid)
                 if detail:
                     log.info("vm '%s': %s", name, detail.lstrip("; "))
-            self.state.update(name, seen.record.pid, spec=spec, source=source)
+            dropped = {"limits": None} if decl.vm.resources is None else {}
+            self.state.update(name, seen.record.pid, spec=spec, source=source, **dropped)
 
     async def _start(self, action: Action) -> str:
         decl = self.declared[action.vm]
@@ -415,14 +417,24 @@ class _Applier:
             self.network.remove_taps(vm.name, [tap for tap, _ in taps])
             raise
         how = "started paused" if vm.state is State.PAUSED else "started"
-        return f"{how} (pid {record.pid}, {record.accel}){await self._pin(vm)}"
+        return f"{how} (pid {record.pid}, {record.accel}){await self._place(vm, record.pid)}"
 
-    async def _pin(self, vm: VM) -> str:
-        """vCPU threads onto `cpus:` (sched_setaffinity; works without cgroups)."""
-        if vm.cpus is None:
-            return ""
-        threads = await kvm.pin_vcpus(self.state.paths(vm.name), parse_cpus(vm.cpus))
-        return f"; {len(threads)} vCPU thread(s) pinned to CPUs {vm.cpus}"
+    async def _place(self, vm: VM, pid: int) -> str:
+        """vCPU threads onto `cpus:` (sched_setaffinity; works without cgroups), and the
+        process into its cgroup with its `resources:` (or pending, with the reason)."""
+        detail = ""
+        if vm.cpus is not None:
+            threads = await kvm.pin_vcpus(self.state.paths(vm.name), parse_cpus(vm.cpus))
+            detail = f"; {len(threads)} vCPU thread(s) pinned to CPUs {vm.cpus}"
+        limits = await asyncio.to_thread(cgroups.place, vm.name, vm.resources, pid)
+        if limits is not None:
+            self.state.update(vm.name, pid, limits=limits.to_json())
+        if limits is not None and limits.state == "pending":
+            log.warning("vm '%s': resources pending: %s", vm.name, limits.reason)
+            detail += f"; resources pending: {limits.reason}"
+        elif limits is not None:
+            detail += f"; resources applied in {limits.cgroup}"
+        return detail
 
     async def _save(self, action: Action) -> str:
         """vmd's send: state to a file in the state dir, then the process ends."""
@@ -480,7 +492,7 @@ class _Applier:
             raise
         self.state.write(replace(record, saved=None, saved_pid=0))
         saved.unlink(missing_ok=True)
-        await self._pin(decl.vm)
+        await self._place(decl.vm, record.pid)
         faults.hit("after-restore")
         if decl.vm.state is not State.PAUSED:
             await kvm.unpause(paths)  # a saved guest was stopped: it loads paused

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -103,6 +104,7 @@ class Record:
     ready_at: float | None = None  # when `ready` first passed (kept across save/restore)
     ready_passed: list[str] = field(default_factory=list)  # probes passed so far
     console_scanned: int = 0  # serial.log offset up to which `ready.serial` was sought
+    limits: dict[str, str] | None = None  # `resources:`: applied or pending (cgroups)
 
     @property
     def intent(self) -> bool:
@@ -154,6 +156,7 @@ class VMPaths:
 
     @property
     def pidfile(self) -> Path:
+        """Written only by a QEMU started before privilege separation (-pidfile)."""
         return self.dir / "qemu.pid"
 
     @property
@@ -176,15 +179,19 @@ class VMPaths:
         return self.dir / "ssh_host_ed25519_key"
 
     @property
+    def host_key_public(self) -> Path:
+        return self.host_key.with_suffix(".pub")
+
+    @property
     def known_hosts(self) -> Path:
         return self.dir / "known_hosts"
 
     def runtime_files(self) -> list[Path]:
         """What `forget` removes: the record and what QEMU made, never anything else."""
         return [self.record, self.qmp, self.serial, self.serial_log, self.qemu_log,
-                self.pidfile, self.dir / ".saved.state.partial", self.agent, self.seed,
-                self.seed.with_suffix(".sha256"), self.host_key,
-                self.host_key.with_suffix(".pub"), self.known_hosts]
+                self.pidfile, self.dir / ".saved.state.partial",
+                self.agent, self.seed, self.seed.with_suffix(".sha256"), self.host_key,
+                self.host_key_public, self.known_hosts]
 
 
 class StateDir:
@@ -209,7 +216,10 @@ class StateDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # an existing dir
             self.vms_dir.mkdir(exist_ok=True, mode=0o700)  # (/tmp, ~) keeps its mode
-            os.chmod(self.vms_dir, 0o700)  # records, consoles and sockets: root's only
+            # Each VM's directory is closed to all but its group (privsep): owners may
+            # reach theirs and list the names (as `ps` shows them anyway).
+            os.chmod(self.vms_dir, 0o755 if os.geteuid() == 0 else 0o700)
+            _let_owners_through(self.root)
             fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise StateDirError(f"cannot use state dir {self.root}: {err.strerror}") from err
@@ -243,8 +253,8 @@ class StateDir:
             path = VMPaths(entry).record
             try:
                 found[entry.name] = Record.from_json(path.read_text())
-            except FileNotFoundError:
-                continue
+            except (FileNotFoundError, PermissionError):
+                continue  # none, or another owner's VM (a user's `status` shows their own)
             except (OSError, ValueError) as err:
                 reason = _why_unreadable(err)
                 problems[entry.name] = (f"{path}: unreadable record ({reason}); vm "
@@ -255,7 +265,10 @@ class StateDir:
     def write(self, record: Record) -> None:
         paths = self.paths(record.name)
         paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(paths.record, record.to_json())
+        # The VM's group (privsep.prepare_dir: its owner's) may read its record.
+        group = paths.dir.stat().st_gid
+        atomic_write(paths.record, record.to_json(),
+                     group=group if group != os.getegid() else None)
 
     @property
     def _bridges_file(self) -> Path:
@@ -310,6 +323,13 @@ class StateDir:
         return kept
 
 
+def _let_owners_through(root: Path) -> None:
+    """Root's state dir: others may pass through it (not list it) to reach their VMs."""
+    found = root.stat()
+    if os.geteuid() == 0 and found.st_uid == 0 and not found.st_mode & 0o002:
+        os.chmod(root, stat.S_IMODE(found.st_mode) | 0o011)
+
+
 def _why_unreadable(err: Exception) -> str:
     """One line: the first field pydantic refused, or the error's own first line."""
     if callable(getattr(err, "errors", None)):  # pydantic's ValidationError
@@ -319,10 +339,14 @@ def _why_unreadable(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """path holds data entirely or not at all (a temp file, fsync, rename); 0600."""
+def atomic_write(path: Path, data: str | bytes, *, group: int | None = None) -> None:
+    """path holds data entirely or not at all (a temp file, fsync, rename); 0600, or
+    0640 readable by `group`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if group is not None:
+            os.fchown(fd, -1, group)
+            os.fchmod(fd, 0o640)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -395,8 +419,11 @@ def runs_vm(pid: int, paths: VMPaths) -> int | None:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    qmp = f"path={str(paths.qmp).replace(',', ',,')},".encode(errors="surrogateescape")
-    if not any(qmp in arg for arg in args):
+    # The console log's fd set is tagged with its path (privsep.Handoff); a QEMU started
+    # before privilege separation named its QMP socket instead.
+    markers = [f"{key}={str(path).replace(',', ',,')}".encode(errors="surrogateescape")
+               for key, path in (("opaque", paths.serial_log), ("path", paths.qmp))]
+    if not any(arg.endswith(m) or m + b"," in arg for arg in args for m in markers):
         return None
     name = f"guest={paths.dir.name}".encode()
     if not any(arg == name or arg.startswith(name + b",") for arg in args):
@@ -438,6 +465,8 @@ _SHUTDOWN_CAUSES = {
 }
 _CAUSE_RE = re.compile(r"qemu_system_shutdown_request reason=(\d+)")
 _SIGNAL_RE = re.compile(r"terminating on signal (\d+)")
+# `-trace vm_state_notify`: a running guest stopped for QEMU's clean exit.
+_CLEAN_EXIT_RE = re.compile(r"vm_state_notify running 0 reason \d+ \(shutdown\)")
 
 
 def _signal_name(number: int) -> str:
@@ -450,7 +479,8 @@ def _signal_name(number: int) -> str:
 def exit_cause(*, qemu_log: str, pidfile_left: bool, status: int | None
                ) -> tuple[ExitReason, str]:
     """Why QEMU ended (pure): the exit status when we reaped it, the shutdown cause
-    QEMU traced to its log, and whether it lived to remove its pidfile.
+    QEMU traced to its log, and whether it left its pidfile (`pidfile_left`: True for
+    a QEMU without one) and no trace of a clean exit.
 
     A guest reset under -no-reboot is the one clean exit that traces no cause.
     """
@@ -465,7 +495,7 @@ def exit_cause(*, qemu_log: str, pidfile_left: bool, status: int | None
         errors = [line for line in qemu_log.splitlines() if "qemu_system_" not in line]
         last = f": {errors[-1].strip()}" if errors else ""
         return ExitReason.CRASHED, f"QEMU exited with code {status}{last}"
-    if pidfile_left:
+    if pidfile_left and not _CLEAN_EXIT_RE.search(qemu_log):
         return ExitReason.KILLED, "ended without a clean exit (killed or crashed)"
     return ExitReason.REBOOT, "guest rebooted"
 
@@ -477,8 +507,10 @@ def post_mortem(record: Record, paths: VMPaths, *, status: int | None = None,
         log_text = paths.qemu_log.read_text(errors="replace")
     except OSError:
         log_text = ""
-    reason, detail = exit_cause(qemu_log=log_text, pidfile_left=paths.pidfile.exists(),
-                                status=status)
+    # A QEMU started before privilege separation removed its pidfile on a clean exit;
+    # today's traces it (vm_state_notify ... (shutdown)), and a kill traces nothing.
+    left = paths.pidfile.exists() if "-pidfile" in record.argv else True
+    reason, detail = exit_cause(qemu_log=log_text, pidfile_left=left, status=status)
     if at is None:  # the last sign of life it left
         times = [record.started_at]
         for path in (paths.qemu_log, paths.serial_log):
@@ -527,6 +559,8 @@ def _recordless_qemus(state: StateDir, known: set[str]) -> dict[str, str]:
     for entry in state.vms_dir.iterdir():
         if entry.name in known or entry.name.startswith(".") or not entry.is_dir():
             continue
+        if not os.access(entry, os.X_OK):
+            continue  # another owner's VM: not ours to look into
         paths = VMPaths(entry)
         if paths.record.exists():
             continue  # unreadable: records() said so

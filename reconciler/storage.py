@@ -69,3 +69,28 @@ def _run(argv: list[str], disk: Disk) -> subprocess.CompletedProcess[str]:
     except subprocess.TimeoutExpired as err:
         raise StorageError(f"cannot create {disk.path}: qemu-img took over "
                            f"{err.timeout:.0f}s") from err
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def backing_of(disk: Disk) -> str | None:
+    """The backing file a qcow2 disk's header names, resolved, if it is disk's declared
+    base: the only backing the reconciler opens for QEMU (privsep); None otherwise."""
+    if disk.base is None or disk.format.value != "qcow2":
+        return None
+    try:
+        with open(disk.path, "rb") as image:
+            header = image.read(20)
+            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if not offset or not 0 < size <= 1023:
+                return None
+            image.seek(offset)
+            name = os.fsdecode(image.read(size))
+    except OSError:
+        return None
+    found = os.path.realpath(os.path.join(disk.path.parent, name))
+    return found if found == os.path.realpath(disk.base) else None

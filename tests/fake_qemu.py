@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -73,8 +74,8 @@ def split_option(value: str) -> list[str]:
 def parse_argv(argv: list[str]) -> dict[str, Any]:
     """What the fake needs from QEMU's command line; everything else is ignored."""
     found: dict[str, Any] = {"chardevs": {}, "pidfile": None, "name": None,
-                             "incoming": None, "paused": False}
-    flags_with_value = {"-chardev", "-pidfile", "-name", "-incoming"}
+                             "incoming": None, "paused": False, "fdsets": {}}
+    flags_with_value = {"-chardev", "-pidfile", "-name", "-incoming", "-add-fd"}
     i = 0
     while i < len(argv):
         flag = argv[i]
@@ -86,6 +87,9 @@ def parse_argv(argv: list[str]) -> dict[str, Any]:
             opts = dict(o.partition("=")[::2] for o in options)
             opts["backend"] = kind
             found["chardevs"][opts.get("id", "")] = opts
+        elif flag == "-add-fd":
+            opts = dict(o.partition("=")[::2] for o in split_option(value))
+            found["fdsets"].setdefault(f"/dev/fdset/{opts['set']}", int(opts["fd"]))
         elif flag == "-pidfile":
             found["pidfile"] = value
         elif flag == "-name":
@@ -182,7 +186,9 @@ class FakeQemu:
     def boot(self) -> None:
         """The guest reaches user space: its marker on the console."""
         log = self.opts["chardevs"].get("serial0", {}).get("logfile")
-        if log:
+        if log in self.opts["fdsets"]:  # handed over by the reconciler (privsep)
+            os.write(self.opts["fdsets"][log], MARKER_LINE.encode())
+        elif log:
             with open(log, "a") as f:
                 f.write(MARKER_LINE)
 
@@ -200,9 +206,9 @@ class FakeQemu:
             Path(self.opts["pidfile"]).write_text(f"{os.getpid()}\n")
         serial = self.opts["chardevs"].get("serial0")
         if serial is not None:
-            if serial.get("logfile"):
+            if serial.get("logfile") and serial["logfile"] not in self.opts["fdsets"]:
                 open(serial["logfile"], "a").close()
-            self.listen(serial["path"], self.drain)
+            self.listen(serial, self.drain)
         if self.opts["incoming"]:
             self.incoming()
         elif self.status == "running":
@@ -211,7 +217,7 @@ class FakeQemu:
         if "no-qmp" in self.behaviour or qmp is None:
             while True:
                 time.sleep(3600)
-        server = self.listen(qmp["path"], None)
+        server = self.listen(qmp, None)
         while True:
             client, _ = server.accept()
             self.serve(client)
@@ -229,11 +235,15 @@ class FakeQemu:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, terminated)
 
-    def listen(self, path: str, serve: Any) -> socket.socket:
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(path)
-        server.listen(8)
-        self.sockets.append(path)
+    def listen(self, chardev: dict[str, str], serve: Any) -> socket.socket:
+        """The chardev's socket: handed over listening (fd=N), or made at path=."""
+        if "fd" in chardev:
+            server = socket.socket(fileno=int(chardev["fd"]))
+        else:
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(chardev["path"])
+            server.listen(8)
+            self.sockets.append(chardev["path"])
         if serve is not None:
             threading.Thread(target=self.accepting, args=(server, serve), daemon=True).start()
         return server
@@ -446,8 +456,13 @@ def install(bin_dir: Path) -> Path:
     """Write `qemu-system-x86_64` into bin_dir: it execs this script (same pid)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     wrapper = bin_dir / "qemu-system-x86_64"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{Path(__file__).resolve()}" '
-                       '"$@"\n')
+    # It runs as the unprivileged QEMU user: Debian's python3 and a copy of this script
+    # beside the wrapper, not a path under /root it could not reach.
+    script = bin_dir / "fake_qemu.py"
+    shutil.copyfile(__file__, script)
+    script.chmod(0o644)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    wrapper.write_text(f'#!/bin/sh\nexec "{python}" -S "{script}" "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
 

@@ -23,6 +23,12 @@ TRACE = "qemu_system_shutdown_request reason={}\n"
     ("", False, None, (ExitReason.REBOOT, "guest rebooted")),
     ("", True, -9, (ExitReason.KILLED, "killed by SIGKILL")),
     ("", True, None, (ExitReason.KILLED, "ended without a clean exit (killed or crashed)")),
+    # Without a pidfile (privsep), a reset's clean exit is known by its trace alone.
+    ("vm_state_notify running 1 reason 9 (running)\n"
+     "vm_state_notify running 0 reason 11 (shutdown)\n", True, None,
+     (ExitReason.REBOOT, "guest rebooted")),
+    ("vm_state_notify running 1 reason 9 (running)\n", True, None,
+     (ExitReason.KILLED, "ended without a clean exit (killed or crashed)")),
     ("qemu-system-x86_64: terminating on signal 15 from pid 7 (kill)\n", False, 0,
      (ExitReason.KILLED, "terminated by SIGTERM")),
     ("qemu: could not load kernel 'x'\n", False, 1,

@@ -32,6 +32,12 @@ class Fake:
         self.log = tmp_path / "fake-qemu.jsonl"
         self.bin = tmp_path / "bin"
         fake_qemu.install(self.bin)
+        # The fakes run as the unprivileged QEMU user: they reach the wrapper and the log
+        # through the test's dirs (search only) and append to the log.
+        for up in (tmp_path, *tmp_path.parents[:2]):
+            up.chmod(up.stat().st_mode | 0o011)
+        self.log.touch()
+        self.log.chmod(0o666)
 
     def declare(self, name: str, **fields: str) -> Path:
         path = self.manifests / f"{name}.yaml"
@@ -342,8 +348,7 @@ def test_a_live_qemu_whose_record_is_missing_is_held_not_twinned(
 ) -> None:
     fake.declare("mr")
     fake.once(check=0)
-    (state_dir / "vms" / "mr" / "record.json").unlink()
-    (state_dir / "vms" / "mr" / "qemu.pid").unlink()
+    (state_dir / "vms" / "mr" / "record.json").unlink()  # and QEMU writes no pidfile
     run = fake.once()
     assert run.code == 1 and "record.json is missing" in run.err, run
     assert len(fake.live()) == 1 and len(fake.starts()) == 1

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from reconciler.desired import VM, Accel
-from reconciler.kvm import choose_accel, opt, qemu_argv
+from reconciler.kvm import choose_accel, opt
+from reconciler.kvm import qemu_argv as _qemu_argv
 from reconciler.observed import VMPaths
+from reconciler.privsep import Handoff
+
+
+def qemu_argv(vm: VM, paths: VMPaths, **options: object) -> list[str]:
+    """The command line, its files opened by a real Handoff (closed at once)."""
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    files = Handoff(None)
+    try:
+        return _qemu_argv(vm, paths, files=files, **options)  # type: ignore[arg-type]
+    finally:
+        files.close()
 
 
 def make_vm(tmp_path: Path, **fields: object) -> VM:
@@ -48,9 +61,29 @@ def test_kvm_uses_the_host_cpu(tmp_path: Path) -> None:
 def test_commas_in_paths_cannot_inject_options(tmp_path: Path) -> None:
     evil = tmp_path / "a,server=off,path=-evil"
     argv = qemu_argv(make_vm(tmp_path), VMPaths(evil), accel="tcg", paused=False)
-    qmp = next(v for v in value_after(argv, "-chardev") if v.startswith("socket,id=qmp,"))
-    assert f"path={tmp_path}/a,,server=off,,path=-evil/qmp.sock,server=on" in qmp
+    (tag,) = [v for v in value_after(argv, "-add-fd") if "serial.log" in v]
+    assert tag.endswith(f",opaque={tmp_path}/a,,server=off,,path=-evil/serial.log")
     assert opt("a,b,,c") == "a,,b,,,,c"
+
+
+def test_qemu_gets_descriptors_never_host_paths(tmp_path: Path) -> None:
+    """privsep: sockets, logs, images and the kernel are opened by us and handed over."""
+    vm = make_vm(tmp_path, disks=[{"path": str(tmp_path / "d.raw"), "format": "raw",
+                                   "size": "1M"}])
+    (tmp_path / "d.raw").write_bytes(b"")
+    argv = qemu_argv(vm, VMPaths(tmp_path / "web"), accel="tcg", paused=False)
+    chardevs = value_after(argv, "-chardev")
+    assert all(",fd=" in c and "path=" not in c for c in chardevs)
+    assert "logfile=/dev/fdset/" in chardevs[1]
+    assert value_after(argv, "-kernel")[0].startswith("/proc/self/fd/")
+    assert "-pidfile" not in argv
+    files = [json.loads(v)["filename"] for v in value_after(argv, "-blockdev")
+             if json.loads(v)["driver"] == "file"]
+    assert files == ["/dev/fdset/2"]
+    sets = [v for v in value_after(argv, "-add-fd") if "set=2," in v]
+    assert len(sets) == 2  # writable: a read-write and a read-only descriptor
+    joined = " ".join(argv)
+    assert str(tmp_path / "vmlinuz") not in joined
 
 
 def test_kernel_initrd_and_cmdline_are_passed_verbatim(tmp_path: Path) -> None:
@@ -61,8 +94,8 @@ def test_kernel_initrd_and_cmdline_are_passed_verbatim(tmp_path: Path) -> None:
         "kernel": str(weird / "vmlinuz"), "initrd": str(weird / "vmlinuz"),
         "cmdline": "console=ttyS0,115200 quiet"}})
     argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False)
-    assert value_after(argv, "-kernel") == [str(weird / "vmlinuz")]
-    assert value_after(argv, "-initrd") == [str(weird / "vmlinuz")]
+    assert [v.rsplit("/", 1)[0] for v in value_after(argv, "-kernel") + value_after(
+        argv, "-initrd")] == ["/proc/self/fd"] * 2  # copies: QEMU may not read the file
     assert value_after(argv, "-append") == ["console=ttyS0,115200 quiet"]
 
 
@@ -99,6 +132,8 @@ def test_disks_cdrom_and_nics_go_to_qemu_as_json_with_explicit_formats(tmp_path:
     iso = tmp_path / "install,x.iso"
     iso.write_bytes(b"iso")
     (tmp_path / "base.raw").write_bytes(b"")
+    (tmp_path / "a.qcow2").write_bytes(b"")
+    (tmp_path / "b.raw").write_bytes(b"")
     vm = VM.model_validate({
         "name": "hw", "boot": {"device": "cdrom"}, "cdrom": str(iso),
         "disks": [{"path": str(tmp_path / "a.qcow2"), "size": "1G"},
@@ -107,19 +142,19 @@ def test_disks_cdrom_and_nics_go_to_qemu_as_json_with_explicit_formats(tmp_path:
         "interfaces": [{"switch": "lan"}],
     })
     argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False,
-                     taps=[("vmhw.0", "52:54:00:aa:bb:cc")])
+                     taps=[(99, "52:54:00:aa:bb:cc")])
     blockdevs = [json.loads(v) for v in value_after(argv, "-blockdev")]
     devices = [json.loads(v) for v in value_after(argv, "-device") if v.startswith("{")]
     assert [(b["driver"], b.get("read-only")) for b in blockdevs] == [
         ("file", False), ("qcow2", False), ("file", False), ("raw", False),
         ("file", True), ("raw", True)]
-    assert blockdevs[4]["filename"] == str(iso)  # the comma stays inside the JSON string
+    assert blockdevs[4]["filename"] == "/dev/fdset/4"
+    assert f"opaque={str(iso).replace(',', ',,')}" in " ".join(value_after(argv, "-add-fd"))
     assert [(d["driver"], d.get("bootindex")) for d in devices] == [
         ("virtio-blk-pci", None), ("ide-hd", None), ("ide-cd", 1),
         ("virtio-net-pci", None)]
     assert devices[3]["mac"] == "52:54:00:aa:bb:cc"
-    assert value_after(argv, "-netdev") == [
-        "tap,id=net0,ifname=vmhw.0,script=no,downscript=no"]
+    assert value_after(argv, "-netdev") == ["tap,id=net0,fd=99"]
     assert "-kernel" not in argv
 
 
@@ -128,6 +163,7 @@ def test_firmware_boot_from_a_disk_marks_the_first_disk(tmp_path: Path) -> None:
 
     vm = VM.model_validate({"name": "fw", "boot": {"device": "disk"},
                             "disks": [{"path": str(tmp_path / "a.qcow2"), "size": "1G"}]})
+    (tmp_path / "a.qcow2").write_bytes(b"")
     argv = qemu_argv(vm, VMPaths(tmp_path), accel="tcg", paused=False)
     (device,) = [json.loads(v) for v in value_after(argv, "-device") if v.startswith("{")]
     assert device["bootindex"] == 1 and device["drive"] == "disk0"
