@@ -27,9 +27,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,12 +35,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Network
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GUEST_DIR, REPO, BenchError, reconcile_cmd, vm_manifest  # noqa: E402
+from _common import GUEST_DIR, REPO, BenchError, reconcile_cmd, vm_manifest
 
 DEBIAN = REPO / "guest" / "out-debian"
 SUBNET = "100.64.60.0/24"
@@ -202,7 +199,8 @@ def ssh_direct(tmp: Path, key: Path) -> float:
                           "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         known = tmp / "known_hosts"
-        known.write_text(f"{address} {' '.join(host.with_suffix('.pub').read_text().split()[:2])}\n")
+        public = " ".join(host.with_suffix(".pub").read_text().split()[:2])
+        known.write_text(f"{address} {public}\n")
         done = wait_ssh(name, address, key, known, "ops", began + 600)
         return done - began
 

@@ -6,10 +6,12 @@ test guest's `reconciler-guest: up uptime=<s>` line shows up in the serial log:
 
   reconcile  `reconcile --once DIR --state-dir FRESH` on a one-VM manifest;
              the clock runs until the marker appears in FRESH/vms/NAME/serial.log.
-  direct     the exact argv the reconciler used (taken from the record.json of a
-             reconciler-started warm-up VM), its socket/log paths rewritten into
-             another temp dir, started with subprocess.Popen; the clock runs
-             until the marker appears in that serial log.
+  direct     the argv the reconciler used (taken from the record.json of a
+             reconciler-started warm-up VM), with paths where the reconciler
+             hands QEMU descriptors (sockets, logs, images, kernel: `by_paths`),
+             its socket/log paths rewritten into another temp dir, started as
+             root with subprocess.Popen; the clock runs until the marker appears
+             in that serial log.
 
 Runs are paired (the order alternates from pair to pair, so a warming or
 cooling machine does not favour one arm) and the overhead of a pair is
@@ -24,6 +26,7 @@ Exit status: 0 when the figures were measured (goal met or not), 1 on errors.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -63,6 +66,42 @@ def _tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return "\n  ".join(text.splitlines()[-lines:])
+
+
+SOCKETS = {"qmp": "qmp.sock", "serial0": "serial.sock", "qga0": "qga.sock"}
+
+
+def by_paths(argv: list[str], vm_dir: str, guest: Path) -> list[str]:
+    """The reconciler's QEMU command with paths where it hands over descriptors
+    (privsep): what one would type to start the same VM by hand, as root."""
+    fdsets: dict[str, str] = {}
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-add-fd":
+            opts = dict(o.partition("=")[::2] for o in value.split(",", 2))
+            fdsets.setdefault(f"/dev/fdset/{opts['set']}", opts["opaque"].replace(",,", ","))
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag = argv[i - 1] if i else ""
+        if arg == "-add-fd":
+            skip = True
+            continue
+        if flag == "-chardev" and ",fd=" in arg:
+            cid = arg.split("id=", 1)[1].split(",", 1)[0]
+            head, _, rest = arg.partition(",fd=")
+            arg = f"{head},path={vm_dir}/{SOCKETS[cid]},{rest.split(',', 1)[1]}"
+        elif flag == "-kernel":
+            arg = str(guest / "vmlinuz")
+        elif flag == "-initrd":
+            arg = str(guest / "initrd.img")
+        for fdset, path in fdsets.items():
+            arg = arg.replace(f"logfile={fdset},", f"logfile={path},").replace(
+                f'"filename":"{fdset}"', json.dumps({"filename": path})[1:-1])
+        out.append(arg)
+    return out
 
 
 class Bench:
@@ -201,7 +240,8 @@ def main() -> int:
               f"{POLL_INTERVAL * 1000:.0f} ms (resolution bound), temp dir {root}")
         print("warm-up (not counted): one reconciler start, its argv is the direct command")
         warm = bench.reconcile_run()
-        bench.template_argv, bench.template_dir = warm["argv"], warm["vm_dir"]
+        bench.template_argv = by_paths(warm["argv"], warm["vm_dir"], guest)
+        bench.template_dir = warm["vm_dir"]
         print(f"  warm-up: marker after {ms(warm['t'])} ms; direct argv: "
               f"{' '.join(warm['argv'])}\n")
         time.sleep(args.settle)
