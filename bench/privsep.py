@@ -178,7 +178,7 @@ def main() -> int:
         for what, label in (("spawn", "launch -> QEMU spawned"),
                             ("up", "launch -> guest up"), ("noop", "no-op --once")):
             b, a = median(got["before"][what]), median(got["after"][what])
-            rows.append([label, ms(b), ms(a), f"{a - b:+.1f}", f"{b / base:.1f}x",
+            rows.append([label, ms(b), ms(a), f"{(a - b) * 1000:+.1f}", f"{b / base:.1f}x",
                          f"{a / base:.1f}x"])
         rows.append(["python -c pass (baseline)", ms(base), ms(base), "", "1.0x", "1.0x"])
         print()
