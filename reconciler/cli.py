@@ -104,6 +104,9 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resync", type=_seconds, default=30.0, metavar="SECONDS",
                         help="daemon: converge at least this often (default 30)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--diff", action="store_true",
+                        help="with --once or --check: a unified diff of each changed VM's "
+                             "spec (as recorded -> as declared; units shown, secrets masked)")
     parser.add_argument("--metrics", metavar="HOST:PORT", type=_address,
                         help="daemon: serve Prometheus metrics there")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -265,12 +268,12 @@ def _once(args: argparse.Namespace) -> int:
     if args.check:
         report = asyncio.run(reconcile_once(args.path, state, check=True,
                                             max_bytes=_max_bytes(args),
-                                            allow_dirs=_allowed(args)))
+                                            allow_dirs=_allowed(args), diff=args.diff))
     else:
         with state.locked():
             report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
                                                 wait=args.wait, max_bytes=_max_bytes(args),
-                                                allow_dirs=_allowed(args)))
+                                                allow_dirs=_allowed(args), diff=args.diff))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return report.exit_code()
@@ -285,6 +288,8 @@ def _once(args: argparse.Namespace) -> int:
         print(f"{r.vm:<{width}}  {r.outcome.value:<7}  {lines[0]}")
         for more in lines[1:]:
             print(f"{'':<{width}}  {'':<7}    {more}")
+    for text in report.diffs.values():
+        print(text)
     counts = ", ".join(f"{report.count(o)} {o.value}" for o in Outcome)
     problems = f", {len(report.errors)} manifest/state errors" if report.errors else ""
     print(f"recap: {counts}{problems}")

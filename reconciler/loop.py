@@ -43,6 +43,7 @@ from reconciler.observed import (
     read_json,
 )
 from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
+from reconciler.specdiff import spec_diff
 
 log = logging.getLogger("reconciler")
 
@@ -76,6 +77,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     retry_at: float | None = None  # the earliest backed-off restart
     states: dict[str, str] = field(default_factory=dict)  # each VM's state after the pass
+    diffs: dict[str, str] = field(default_factory=dict)  # `--diff`: VM -> its spec's diff
 
     def count(self, outcome: Outcome) -> int:
         return sum(r.outcome is outcome for r in self.results)
@@ -99,6 +101,7 @@ class Report:
             "converged": not self.failed and not self.pending,
             "errors": self.errors,
             "results": [asdict(r) for r in self.results],
+            **({"diffs": self.diffs} if self.diffs else {}),
         }
 
 
@@ -106,9 +109,10 @@ async def reconcile_once(
     manifests: Path, state: StateDir, *, check: bool = False,
     parallel: int = DEFAULT_PARALLEL, wait: bool = False,
     max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
-    allow_dirs: Sequence[Path] = (),
+    allow_dirs: Sequence[Path] = (), diff: bool = False,
 ) -> Report:
-    """Load, observe, plan and (unless check) apply, once; `wait`: until ready."""
+    """Load, observe, plan and (unless check) apply, once; `wait`: until ready;
+    `diff`: with each changed VM's spec diff (recorded -> declared)."""
     loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
                               allow_dirs=allow_dirs)
     report = Report(errors=[str(e) for e in loaded.errors])
@@ -126,6 +130,8 @@ async def reconcile_once(
                    prune=not report.errors, keep=_not_prunable(manifests, loaded, seen),
                    hold=unreadable, now=now)
     report.retry_at = min((a.retry_at for a in actions if a.retry_at), default=None)
+    if diff:
+        report.diffs = _diffs(loaded.vms, seen, actions)
     if check:
         report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
                           for a in actions]
@@ -145,6 +151,21 @@ async def reconcile_once(
         report.results = await _wait_ready(state, report.results)
     report.states = _states_after(report.results, loaded.vms, seen, now=now)
     return report
+
+
+def _diffs(declared: dict[str, Declared], seen: dict[str, ObservedVM],
+           actions: Sequence[Action]) -> dict[str, str]:
+    """Each VM whose spec changes in this pass: its diff, recorded -> declared."""
+    acted = {a.vm for a in actions if a.changes}
+    found = {}
+    for name in sorted(set(declared) | acted):
+        old = seen[name].record.spec if name in seen else None
+        new = declared[name].vm.model_dump(mode="json") if name in declared else None
+        if name in acted or (old is not None and old != new):
+            text = spec_diff(name, old, new)
+            if text:
+                found[name] = text
+    return found
 
 
 async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float) -> bool:

@@ -20,6 +20,7 @@ from reconciler.observed import (
     Record,
     Status,
 )
+from reconciler.specdiff import show
 
 # Restarts after exits back off: the first at once, then 1 s doubling up to 5 min;
 # a VM that ran for 10 min before it ended starts over at once.
@@ -279,7 +280,7 @@ def _undeclared(seen: ObservedVM, *, prune: bool) -> Action:
 def spec_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`field: old -> new` for each hardware field that differs (pure)."""
     return [
-        f"{key}: {_show(before)} -> {_show(after)}"
+        f"{key}: {_show(key, before)} -> {_show(key, after)}"
         for key, before, after in _diff(old, new, prefix="")
         if before != after
     ]
@@ -296,5 +297,6 @@ def _diff(
             yield f"{prefix}{key}", before, after
 
 
-def _show(value: Any) -> str:
-    return "unset" if value is None else str(value)
+def _show(key: str, value: Any) -> str:
+    """With its unit (`memory: 96M -> 112M`), as the manifest says it."""
+    return "unset" if value is None else show(key.rsplit(".", 1)[-1], value)

@@ -88,7 +88,7 @@ def test_add_edit_and_delete_a_manifest_with_no_command(
     assert "power button pressed, shutting down" not in serial(state_dir, "web")
     log = d.text()
     assert "vm 'web': start (not running): started" in log
-    assert "vm 'web': restart (spec changed: memory: 96 -> 112)" in log
+    assert "vm 'web': restart (spec changed: memory: 96M -> 112M)" in log
     assert "vm 'web': terminate (no longer declared): terminated: guest powered off" in log
 
 

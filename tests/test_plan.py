@@ -57,13 +57,13 @@ def test_a_running_vm_with_the_same_spec_needs_nothing_and_says_why() -> None:
 
 def test_a_spec_change_restarts_and_names_the_change() -> None:
     action = one(vm(memory="512M"), seen(vm(memory="256M")))
-    assert action == Action(Kind.RESTART, "web", "spec changed: memory: 256 -> 512")
+    assert action == Action(Kind.RESTART, "web", "spec changed: memory: 256M -> 512M")
 
 
 def test_a_spec_change_with_on_change_defer_is_only_reported() -> None:
     action = one(vm(memory="512M", on_change="defer"), seen(vm()))
     assert action == Action(
-        Kind.NONE, "web", "restart required (memory: 256 -> 512); on_change: defer")
+        Kind.NONE, "web", "restart required (memory: 256M -> 512M); on_change: defer")
 
 
 def test_label_and_policy_changes_do_not_restart() -> None:
@@ -110,7 +110,7 @@ def test_terminations_come_before_starts_then_by_name() -> None:
 def test_spec_changes_walk_nested_fields() -> None:
     old = {"memory": 1, "boot": {"kernel": "/a", "cmdline": ""}}
     new = {"memory": 1, "boot": {"kernel": "/b", "cmdline": "x"}}
-    assert spec_changes(old, new) == ["boot.cmdline:  -> x", "boot.kernel: /a -> /b"]
+    assert spec_changes(old, new) == ['boot.cmdline: "" -> x', "boot.kernel: /a -> /b"]
 
 
 # --- properties ---------------------------------------------------------------
@@ -207,8 +207,8 @@ def test_save_and_restore_rows() -> None:
 def test_a_spec_change_while_saved_restarts_afresh_or_with_defer_restores() -> None:
     saved = seen(vm(), Status.SAVED)
     restart = one(vm(memory="512M"), saved)
-    assert restart == Action(Kind.RESTART, "web", "spec changed while saved: memory: 256 -> "
-                             "512; restoring it to shut it down cleanly")
+    assert restart == Action(Kind.RESTART, "web", "spec changed while saved: memory: 256M -> "
+                             "512M; restoring it to shut it down cleanly")
     assert one(vm(memory="512M", on_change="defer"), saved).kind is Kind.RESTORE
 
 

@@ -114,7 +114,7 @@ def test_a_memory_change_restarts_that_vm_only(
 
     check = reconcile("--once", "--check", two_vms, check=2)
     assert lines_by_vm(check)["alpha"].startswith("pending  would restart: spec changed: "
-                                                  "memory: 96 -> 128")
+                                                  "memory: 96M -> 128M")
     assert lines_by_vm(check)["beta"].startswith("ok")
 
     applied = reconcile("--once", two_vms, check=0)
