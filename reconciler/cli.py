@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
-SUBCOMMANDS = ("status", "validate", "schema", "down", "console", "ssh")
+SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +91,8 @@ def _main_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="reconcile",
         description="Converge the QEMU VMs running on this host with YAML manifests.",
-        epilog="other commands: reconcile {status,validate,schema,down,console,ssh} --help",
+        epilog="other commands: reconcile {status,list,validate,schema,down,console,ssh} "
+               "--help",
     )
     parser.add_argument("path", help="a manifest file or directory")
     parser.add_argument("--once", action="store_true",
@@ -127,6 +128,10 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("path", type=Path)
     elif command == "status":
         parser.description = "One row per VM, like vmctl status."
+        parser.add_argument("--json", action="store_true")
+    elif command == "list":
+        parser.description = ("Every VM on this host: QEMU processes (ours and others') "
+                              "and KVM VMs of any hypervisor (debugfs).")
         parser.add_argument("--json", action="store_true")
     elif command == "down":
         parser.description = "Terminate every managed VM gracefully."
@@ -196,8 +201,8 @@ def _dispatch(argv: list[str]) -> int:
         args.command = tail
         vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
         _logging(args.verbose, debug=args.debug)
-        handler = {"status": _status, "validate": _validate, "schema": _schema, "down": _down,
-                   "console": _console, "ssh": _ssh}
+        handler = {"status": _status, "list": _list, "validate": _validate,
+                   "schema": _schema, "down": _down, "console": _console, "ssh": _ssh}
         return handler[command](args)
     if tail:
         rest = [*rest, "--", *tail]
@@ -377,6 +382,31 @@ def _status(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
     unresponsive = any(vm.unresponsive for vm in seen.values())
     return 1 if problems or unresponsive else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    """Every VM on the host: QEMU processes and KVM VMs of any hypervisor."""
+    from reconciler import inventory
+    from reconciler.observed import is_alive
+
+    records, _ = _state(args).records()
+    kvm = inventory.debugfs_kvm(mount=os.geteuid() == 0)
+    if kvm is None:
+        print("reconcile list: no debugfs (/sys/kernel/debug/kvm): KVM VMs of other "
+              "hypervisors are not listed" + (" (root can mount it)" if os.geteuid() else ""),
+              file=sys.stderr)
+    rows = inventory.host_vms({r.pid for r in records.values() if is_alive(r)}, kvm=kvm)
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return 0
+    table = [("PID", "NAME", "COMMAND", "VCPUS", "MEMORY", "KVM", "MANAGED")] + [
+        (str(r.pid), r.name or "-", r.command, "-" if r.vcpus is None else str(r.vcpus),
+         "-" if r.memory is None else f"{r.memory}M", "yes" if r.kvm else "no",
+         "yes" if r.managed else "no") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _down(args: argparse.Namespace) -> int:
