@@ -112,8 +112,12 @@ def _main_parser() -> argparse.ArgumentParser:
                         help="daemon: serve Prometheus metrics there")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="daemon: log lines as text or JSON objects (for log shippers)")
+    parser.add_argument("--on-exit", choices=("keep", "stop", "save"), default=None,
+                        help="daemon, on SIGTERM/SIGINT: keep the VMs running (default), "
+                             "stop them (vmm_shutdown), or save them all at once to be "
+                             "restored by the next start (libvirt-guests' suspend)")
     parser.add_argument("--stop-vms-on-exit", action="store_true",
-                        help="daemon: terminate every VM on SIGTERM/SIGINT (vmm_shutdown)")
+                        help="the same as --on-exit stop (kept for existing units)")
     parser.add_argument("--parallel", type=_positive_int, default=4, metavar="N",
                         help="start at most N VMs at a time (default 4)")
     _common(parser)
@@ -524,12 +528,14 @@ def _watch(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, watch.poke, "SIGHUP")
         log.info("watching %s (state dir %s, pid %d)", args.path, state.root, os.getpid())
         await watch.run()
-        if args.stop_vms_on_exit:
-            for name, outcome in await down(state):
-                log.info("vm '%s': %s", name, outcome)
-            log.info("stopped after %d passes; VMs terminated", watch.passes)
-        else:
+        on_exit = args.on_exit or ("stop" if args.stop_vms_on_exit else "keep")
+        if on_exit == "keep":
             log.info("stopped after %d passes; VMs left running", watch.passes)
+            return
+        for name, outcome in await down(state, save=on_exit == "save"):
+            log.info("vm '%s': %s", name, outcome)
+        log.info("stopped after %d passes; VMs %s", watch.passes,
+                 "saved" if on_exit == "save" else "terminated")
 
     with state.locked():
         if metrics is not None:

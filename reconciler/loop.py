@@ -458,23 +458,7 @@ class _Applier:
         return detail
 
     async def _save(self, action: Action) -> str:
-        """vmd's send: state to a file in the state dir, then the process ends."""
-        record = self.seen[action.vm].record
-        self.state.update(action.vm, record.pid, stopping=True)
-        paths = self.state.paths(action.vm)
-        try:
-            seconds = await kvm.save(record, paths, paths.saved_state)
-        except BaseException:  # the guest goes on: a later exit is not a stop of ours
-            self.state.update(action.vm, record.pid, stopping=False)
-            raise
-        # The file belongs to this pid: while it lives, the file is not a state to
-        # restore but a save to finish (quit it); see observed.Interrupted.
-        self.state.update(action.vm, record.pid, saved=str(paths.saved_state),
-                          saved_pid=record.pid)
-        faults.hit("after-save")
-        how = await kvm.quit_qemu(record, paths)
-        await asyncio.to_thread(self.network.unplug, record)
-        return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
+        return await save_vm(self.state, self.seen[action.vm].record, self.network)
 
     async def _restore(self, action: Action) -> str:
         """vmd's receive: start from the saved file; it is deleted only once loaded.
@@ -833,8 +817,29 @@ async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
         await asyncio.sleep(READY_POLL)
 
 
-async def down(state: StateDir) -> list[tuple[str, str]]:
+async def save_vm(state: StateDir, record: Record, network: Network) -> str:
+    """vmd's send: state to a file in the state dir, then the process ends."""
+    state.update(record.name, record.pid, stopping=True)
+    paths = state.paths(record.name)
+    try:
+        seconds = await kvm.save(record, paths, paths.saved_state)
+    except BaseException:  # the guest goes on: a later exit is not a stop of ours
+        state.update(record.name, record.pid, stopping=False)
+        raise
+    # The file belongs to this pid: while it lives, the file is not a state to
+    # restore but a save to finish (quit it); see observed.Interrupted.
+    state.update(record.name, record.pid, saved=str(paths.saved_state),
+                 saved_pid=record.pid)
+    faults.hit("after-save")
+    how = await kvm.quit_qemu(record, paths)
+    await asyncio.to_thread(network.unplug, record)
+    return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
+
+
+async def down(state: StateDir, *, save: bool = False) -> list[tuple[str, str]]:
     """Terminate every managed VM gracefully (vmd's vmm_shutdown); records are kept.
+    `save`: save each running or paused VM instead, all at once (libvirt-guests'
+    ON_SHUTDOWN=suspend); the next pass restores those declared running.
 
     A save or restore cut short is finished first, so no saved guest runs again.
     """
@@ -848,6 +853,8 @@ async def down(state: StateDir) -> list[tuple[str, str]]:
         if vm.status is Status.SAVED:
             return vm.name, "saved, not running"
         try:
+            if save and vm.status in (Status.RUNNING, Status.PAUSED):
+                return vm.name, await save_vm(state, vm.record, network)
             how = await terminate(state, vm.record, timeout=None, network=network)
         except (kvm.DriverError, OSError) as err:
             return vm.name, f"failed: {err}"

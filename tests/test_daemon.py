@@ -127,6 +127,32 @@ def test_stop_vms_on_exit_terminates_them(
     assert status_rows(state_dir)["web"]["state"] == "stopped"
 
 
+def test_on_exit_save_saves_every_vm_and_the_next_daemon_restores_them(
+    manifests: Path, guest: Path, state_dir: Path, daemon: StartDaemon
+) -> None:
+    for name in ("web", "db"):
+        (manifests / f"{name}.yaml").write_text(vm_manifest(name, guest))
+    first = daemon(manifests, *WATCH_ONLY, "--on-exit", "save")
+    for name in ("web", "db"):
+        wait_for_serial(state_dir, name)
+    pids = {name: pid_of(state_dir, name) for name in ("web", "db")}
+    assert first.stop(signal.SIGTERM) == 0
+    assert "VMs saved" in first.text(), first.text()
+    rows = status_rows(state_dir)
+    for name, pid in pids.items():
+        assert not alive(pid) and rows[name]["state"] == "saved", rows
+    boots = {name: serial(state_dir, name).count("reconciler-guest: up") for name in pids}
+    second = daemon(manifests, *WATCH_ONLY)
+    for name, pid in pids.items():
+        wait_for(lambda n=name, p=pid: pid_of(state_dir, n) != p  # type: ignore[misc]
+                 and status_rows(state_dir)[n]["state"] in ("running", "ready"),
+                 timeout=60, what=f"{name} restored")
+    assert second.text().count("restored from") == 2, second.text()
+    # The same guests carry on: no second boot on either console.
+    assert {name: serial(state_dir, name).count("reconciler-guest: up")
+            for name in pids} == boots
+
+
 def test_a_second_daemon_refuses_naming_the_first(
     manifests: Path, guest: Path, state_dir: Path, daemon: StartDaemon
 ) -> None:
