@@ -769,6 +769,28 @@ class DeclaredSwitch:
     subnet_line: int = field(default=0, compare=False)
 
 
+@dataclass(frozen=True)
+class DeclaredTemplate:
+    """A `kind: Template` document (vm.conf's `vm "base"` used with `instance`): VM
+    fields its instances inherit, and the ones they may override (`allow:`)."""
+
+    name: str
+    fields: dict[str, Any]
+    allow: frozenset[str]
+    file: Path
+    node: yaml.Node = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A VM document naming a template: validated once every template is known."""
+
+    file: Path
+    node: yaml.Node = field(compare=False, repr=False)
+    data: dict[str, Any] = field(compare=False, repr=False)
+    context: dict[str, Any] = field(compare=False, repr=False)
+
+
 @dataclass
 class Manifests:
     """Everything a manifest directory declares, and what is wrong with it."""
@@ -800,6 +822,8 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     context = _context(state_dir)
     context["allow_dirs"] = tuple(dict.fromkeys(os.path.realpath(d) for d in allow_dirs))
     context["referenced"] = referenced = set[Path]()  # cloud_init's *_file: data, not VMs
+    templates: dict[str, DeclaredTemplate] = {}
+    deferred: list[Deferred] = []
     for path in listing.files:
         data = read_manifest(path, max_bytes=max_bytes)
         if data is None:  # gone since it was listed: as if it had not been there
@@ -822,8 +846,23 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
                 result.errors.append(item)
             elif isinstance(item, Declared):
                 _add_unique(vms, item.vm.name, item, result.errors, kind="vm")
-            else:
+            elif isinstance(item, DeclaredSwitch):
                 _add_unique(switches, item.switch.name, item, result.errors, kind="switch")
+            elif isinstance(item, DeclaredTemplate):
+                if item.name in templates:
+                    result.errors.append(ManifestError(
+                        item.file, item.node.start_mark.line + 1, f"template '{item.name}' "
+                        f"is also declared in {templates[item.name].file}:"
+                        f"{templates[item.name].node.start_mark.line + 1}", kind="template"))
+                templates.setdefault(item.name, item)
+            else:
+                deferred.append(item)
+    for later in deferred:  # instances: every template is known now
+        for item in _instances(later, templates):
+            if isinstance(item, ManifestError):
+                result.errors.append(item)
+            else:
+                _add_unique(vms, item.vm.name, item, result.errors, kind="vm")
     # A file a VM's cloud_init reads (user-data, network-config, keys) is data that
     # happens to sit in the directory, often as *.yaml: never a manifest of its own.
     if referenced:
@@ -957,13 +996,15 @@ def _identity(node: yaml.Node) -> tuple[str | None, str]:
                 continue
             if key.value == "name" and value.tag == STR_TAG:
                 name = value.value
-            elif key.value == "kind" and value.value == "Switch":
-                kind = "switch"
+            elif key.value == "kind" and value.value in ("Switch", "Template"):
+                kind = value.value.lower()
     return name, kind
 
 
-def _load_file(path: Path, data: bytes, context: dict[str, Any]
-               ) -> Iterator[Declared | DeclaredSwitch | ManifestError]:
+Loaded = Declared | DeclaredSwitch | DeclaredTemplate | Deferred | ManifestError
+
+
+def _load_file(path: Path, data: bytes, context: dict[str, Any]) -> Iterator[Loaded]:
     room = MAX_ERRORS_PER_FILE  # errors shown in full; the others are counted
     documents = compose_documents(data)
     count = 0
@@ -1002,7 +1043,7 @@ def _yaml_error(path: Path, data: bytes, err: Exception) -> ManifestError:
 
 
 def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room: int
-                   ) -> Generator[Declared | DeclaredSwitch | ManifestError, None, int]:
+                   ) -> Generator[Loaded, None, int]:
     """Validate one document; yield at most `room` errors, return how many there were."""
     line = node.start_mark.line + 1
     name, label = _identity(node)
@@ -1029,32 +1070,181 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
         return 1
     name = data.get("name") if isinstance(data.get("name"), str) else None
     kind = data.get("kind", "VM")
-    model: type[VM] | type[Switch]
+    if kind == "Template":
+        found = _template(path, node, data)
+        if isinstance(found, ManifestError):
+            if room:
+                yield found
+            return 1
+        yield found
+        return 0
+    if kind == "VM" and "template" in data:
+        yield Deferred(path, node, data, context)
+        return 0
     if kind == "VM":
-        model = VM
-    elif kind == "Switch":
-        model = Switch
-    else:
+        return (yield from _replicas(path, node, data, context, room=room))
+    if kind != "Switch":
         if room:
             yield ManifestError(path, _line_of(node, ("kind",)), f"unknown kind {shown(kind)} "
-                                "(expected VM or Switch)", vm=name)
+                                "(expected VM, Switch or Template)", vm=name)
         return 1
     try:
-        obj = model.model_validate(data, context=context)
+        obj = Switch.model_validate(data, context=context)
     except ValidationError as err:
         errors = err.errors()
         for error in errors[:room]:
             yield ManifestError(path, _error_line(node, error),
-                                _describe(error, model), vm=name, kind=kind.lower())
+                                _describe(error, Switch), vm=name, kind="switch")
         return len(errors)
-    if isinstance(obj, Switch):
-        yield DeclaredSwitch(switch=obj, file=path, line=line,
-                             subnet_line=_line_of(node, ("subnet",)))
-    else:
-        switch_lines = tuple(_line_of(node, ("interfaces", index, "switch"))
-                             for index in range(len(obj.interfaces)))
-        yield Declared(vm=obj, file=path, line=line, switch_lines=switch_lines)
+    yield DeclaredSwitch(switch=obj, file=path, line=line,
+                         subnet_line=_line_of(node, ("subnet",)))
     return 0
+
+
+MAX_REPLICAS = 256
+# What a template may not carry: an instance's own identity.
+_NOT_IN_TEMPLATES = frozenset({"name", "kind", "template", "replicas", "allow"})
+
+
+def _template(path: Path, node: yaml.Node, data: dict[str, Any]
+              ) -> DeclaredTemplate | ManifestError:
+    """A `kind: Template` document, checked: its name, its allow list, its fields' names
+    (their values are checked in each instance, where they become a VM)."""
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        return ManifestError(path, _line_of(node, ("name",)), "a template needs a name: "
+                             "[a-z0-9][a-z0-9-]{0,62}", kind="template")
+    known = set(VM.model_fields) - _NOT_IN_TEMPLATES
+    allow = data.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        return ManifestError(path, _line_of(node, ("allow",)), "allow: must be a list of "
+                             "VM field names", vm=name, kind="template")
+    for index, field_name in enumerate(allow):
+        if field_name not in known:
+            return ManifestError(path, _line_of(node, ("allow", index)), f"allow: unknown "
+                                 f"field {shown(field_name)} (known fields: "
+                                 f"{', '.join(sorted(known))})", vm=name, kind="template")
+    fields = {k: v for k, v in data.items() if k not in ("name", "kind", "allow")}
+    for key in fields:
+        if key not in known:
+            return ManifestError(path, _line_of(node, (key,)), f"unknown field {shown(key)} "
+                                 f"for a template (known fields: {', '.join(sorted(known))})",
+                                 vm=name, kind="template")
+    return DeclaredTemplate(name, fields, frozenset(allow), path, node)
+
+
+def _instances(later: Deferred, templates: dict[str, DeclaredTemplate]
+               ) -> Iterator[Declared | ManifestError]:
+    """A VM naming a template: the template's fields, then the VM's own, where allowed."""
+    data, node, path = later.data, later.node, later.file
+    name = data.get("name") if isinstance(data.get("name"), str) else None
+    wanted = data["template"]
+    template = templates.get(wanted) if isinstance(wanted, str) else None
+    if template is None:
+        known = ", ".join(sorted(templates)) or "none"
+        yield ManifestError(path, _line_of(node, ("template",)), f"template: no template "
+                            f"named {shown(wanted)} is declared (declared: {known})", vm=name)
+        return
+    own = {k: v for k, v in data.items() if k != "template"}
+    where = f"{template.file}:{template.node.start_mark.line + 1}"
+    refused = False
+    for key in own:
+        if key in template.fields and key not in template.allow:
+            refused = True
+            yield ManifestError(
+                path, _line_of(node, (key,)), f"{key}: template '{template.name}' ({where}) "
+                f"sets it and does not allow instances to override it (its allow: "
+                f"[{', '.join(sorted(template.allow))}])", vm=name)
+    if refused:
+        return
+    inherited = _anchored(template.fields, template.file.parent)
+    merged = {**inherited, **own}
+    origin = {key: (template.file, template.node) for key in template.fields
+              if key not in own}
+    yield from _replicas(path, node, merged, later.context, room=MAX_ERRORS_PER_FILE,
+                         origin=origin)
+
+
+def _replicas(path: Path, node: yaml.Node, data: dict[str, Any], context: dict[str, Any],
+              *, room: int, origin: dict[str, tuple[Path, yaml.Node]] | None = None
+              ) -> Generator[Declared | ManifestError, None, int]:
+    """One VM, or with `replicas: N` its N copies NAME-1..NAME-N; `{name}` in a disk's
+    path or base is each VM's own name. `origin`: fields written elsewhere (a template),
+    where their errors point."""
+    name = data.get("name") if isinstance(data.get("name"), str) else None
+    count = data.get("replicas")
+    if count is None:
+        names = [name]
+    elif isinstance(count, bool) or not isinstance(count, int) or \
+            not 1 <= count <= MAX_REPLICAS:
+        if room:
+            yield ManifestError(path, _line_of(node, ("replicas",)), f"replicas must be a "
+                                f"number from 1 to {MAX_REPLICAS} (got {shown(count)})", vm=name)
+        return 1
+    elif any(isinstance(nic, dict) and "mac" in nic for nic in data.get("interfaces") or []):
+        if room:
+            yield ManifestError(path, _line_of(node, ("replicas",)), "replicas: an "
+                                "interface with its own mac: cannot be copied (each replica "
+                                "gets a MAC derived from its name)", vm=name)
+        return 1
+    else:
+        names = [f"{name}-{i}" for i in range(1, count + 1)]
+    base = {k: v for k, v in data.items() if k != "replicas"}
+    made: list[Declared] = []
+    for each in names:
+        one = dict(base, name=each) if each is not None else base
+        if isinstance(one.get("disks"), list):
+            one["disks"] = [_named(d, each) for d in one["disks"]]
+        try:
+            vm = VM.model_validate(one, context=context)
+        except ValidationError as err:
+            errors = err.errors()
+            for error in errors[:room]:
+                where, at = path, node
+                if origin and error["loc"] and error["loc"][0] in origin:
+                    where, at = origin[error["loc"][0]]
+                yield ManifestError(where, _error_line(at, error), _describe(error, VM),
+                                    vm=each, kind="vm")
+            return len(errors)  # one replica's errors are every replica's
+        switch_lines = tuple(_line_of(node, ("interfaces", index, "switch"))
+                             for index in range(len(vm.interfaces)))
+        made.append(Declared(vm=vm, file=path, line=node.start_mark.line + 1,
+                             switch_lines=switch_lines))
+    yield from made
+    return 0
+
+
+def _anchored(fields: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """A template's relative paths made relative to its own file, not its instances'."""
+    def anchor(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return str(directory / value)
+        return value
+
+    def paths_of(mapping: Any, keys: tuple[str, ...]) -> Any:
+        if not isinstance(mapping, dict):
+            return mapping
+        return {k: anchor(v) if k in keys else v for k, v in mapping.items()}
+
+    found = dict(fields)
+    if "boot" in found:
+        found["boot"] = paths_of(found["boot"], ("kernel", "initrd"))
+    if "cdrom" in found:
+        found["cdrom"] = anchor(found["cdrom"])
+    if isinstance(found.get("disks"), list):
+        found["disks"] = [paths_of(d, ("path", "base")) for d in found["disks"]]
+    if "cloud_init" in found:
+        found["cloud_init"] = paths_of(found["cloud_init"], (
+            "user_data_file", "network_config_file", "ssh_authorized_keys_file"))
+    return found
+
+
+def _named(disk: Any, name: str | None) -> Any:
+    """A disk's path and base with `{name}` made the VM's name."""
+    if not isinstance(disk, dict) or name is None:
+        return disk
+    return {k: v.replace("{name}", name) if k in ("path", "base") and isinstance(v, str)
+            else v for k, v in disk.items()}
 
 
 def _error_line(node: yaml.Node, error: Any) -> int:
