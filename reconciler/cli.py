@@ -118,8 +118,12 @@ def _main_parser() -> argparse.ArgumentParser:
                              "restored by the next start (libvirt-guests' suspend)")
     parser.add_argument("--stop-vms-on-exit", action="store_true",
                         help="the same as --on-exit stop (kept for existing units)")
-    parser.add_argument("--parallel", type=_positive_int, default=4, metavar="N",
-                        help="start at most N VMs at a time (default 4)")
+    parser.add_argument("--parallel", type=_positive_int, default=None, metavar="N",
+                        help="start at most N VMs at a time (default: the directory's "
+                             "kind: Settings, else 4)")
+    parser.add_argument("--stagger", type=_seconds, default=None, metavar="SECONDS",
+                        help="launch QEMUs at least this far apart (default: the "
+                             "directory's kind: Settings, else 0)")
     _common(parser)
     return parser
 
@@ -281,6 +285,7 @@ def _once(args: argparse.Namespace) -> int:
     else:
         with state.locked():
             report = asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
+                                                stagger=args.stagger,
                                                 wait=args.wait, max_bytes=_max_bytes(args),
                                                 allow_dirs=_allowed(args), diff=args.diff))
     if args.json:
@@ -520,6 +525,7 @@ def _watch(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
+                      stagger=args.stagger,
                       on_report=on_report, max_bytes=_max_bytes(args),
                       allow_dirs=_allowed(args))
         loop = asyncio.get_running_loop()

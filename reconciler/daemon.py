@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler import desired as desired_mod
 from reconciler import kvm
-from reconciler.loop import DEFAULT_PARALLEL, Report, reconcile_once
+from reconciler.loop import Report, reconcile_once
 from reconciler.notify import notify, watchdog_interval
 from reconciler.observed import StateDir, is_alive, open_pidfd, post_mortem
 
@@ -34,11 +34,12 @@ class Watch:
     """
 
     def __init__(self, manifests: Path, state: StateDir, *, resync: float = 30.0,
-                 parallel: int = DEFAULT_PARALLEL,
+                 parallel: int | None = None,
                  on_report: Callable[[Report, float], None] | None = None,
                  max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
-                 allow_dirs: Sequence[Path] = ()) -> None:
+                 allow_dirs: Sequence[Path] = (), stagger: float | None = None) -> None:
         self.manifests, self.state = manifests, state
+        self.stagger = stagger
         self.allow_dirs = tuple(allow_dirs)
         self.resync, self.parallel, self.max_bytes = resync, parallel, max_bytes
         self.on_report = on_report or (lambda report, seconds: None)
@@ -85,7 +86,7 @@ class Watch:
         self.retry_at = None
         try:
             report = await reconcile_once(self.manifests, self.state, parallel=self.parallel,
-                                          max_bytes=self.max_bytes,
+                                          max_bytes=self.max_bytes, stagger=self.stagger,
                                           allow_dirs=self.allow_dirs)
         except Exception as err:  # one bad pass must not end the daemon
             log.error("pass failed: %s: %s", type(err).__name__, err)

@@ -667,12 +667,13 @@ class VM(BaseModel):
     # vm.conf's owner: QEMU runs as USER[:GROUP], who may `status`/`console` this VM.
     owner: str | None = Field(None, pattern=OWNER_PATTERN)
     resources: Resources | None = None  # cgroup v2 limits, changed live
+    priority: int = Field(0, ge=-1000, le=1000)  # higher starts first; stops run reversed
 
     # Fields a running VM can follow without a restart; every other field is
     # hardware, and a change to it changes the spec hash.
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels", "cpus",
-         "resources"}
+         "resources", "priority"}
     )
 
     @field_validator("cpus")
@@ -769,6 +770,24 @@ class DeclaredSwitch:
     subnet_line: int = field(default=0, compare=False)
 
 
+class Settings(BaseModel):
+    """One `kind: Settings` document: how the directory's VMs are started (vm.conf's
+    `staggered start parallel N delay S`); --parallel and --stagger override it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["Settings"]
+    parallel: int | None = Field(None, ge=1, le=256)
+    stagger: Seconds | None = Field(None, ge=0, le=3600)
+
+
+@dataclass(frozen=True)
+class DeclaredSettings:
+    settings: Settings
+    file: Path
+    line: int
+
+
 @dataclass(frozen=True)
 class DeclaredTemplate:
     """A `kind: Template` document (vm.conf's `vm "base"` used with `instance`): VM
@@ -800,6 +819,7 @@ class Manifests:
     errors: list[ManifestError] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)  # the files that were read
     empty: set[Path] = field(default_factory=set)  # files that hold no document at all
+    settings: Settings | None = None  # the directory's `kind: Settings`, if any
 
     @property
     def broken_files(self) -> set[Path]:
@@ -824,6 +844,7 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     context["referenced"] = referenced = set[Path]()  # cloud_init's *_file: data, not VMs
     templates: dict[str, DeclaredTemplate] = {}
     deferred: list[Deferred] = []
+    settings: DeclaredSettings | None = None
     for path in listing.files:
         data = read_manifest(path, max_bytes=max_bytes)
         if data is None:  # gone since it was listed: as if it had not been there
@@ -848,6 +869,13 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
                 _add_unique(vms, item.vm.name, item, result.errors, kind="vm")
             elif isinstance(item, DeclaredSwitch):
                 _add_unique(switches, item.switch.name, item, result.errors, kind="switch")
+            elif isinstance(item, DeclaredSettings):
+                if settings is not None:
+                    result.errors.append(ManifestError(
+                        item.file, item.line, f"a second kind: Settings (the first is in "
+                        f"{settings.file}:{settings.line}); one per directory", kind="settings"))
+                else:
+                    settings = item
             elif isinstance(item, DeclaredTemplate):
                 if item.name in templates:
                     result.errors.append(ManifestError(
@@ -885,6 +913,8 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         if not missing:
             break
         result.errors += missing
+    if settings is not None and settings.file not in result.broken_files:
+        result.settings = settings.settings
     result.errors.sort(key=lambda e: (str(e.file), e.line))
     return result
 
@@ -996,12 +1026,13 @@ def _identity(node: yaml.Node) -> tuple[str | None, str]:
                 continue
             if key.value == "name" and value.tag == STR_TAG:
                 name = value.value
-            elif key.value == "kind" and value.value in ("Switch", "Template"):
+            elif key.value == "kind" and value.value in ("Switch", "Template", "Settings"):
                 kind = value.value.lower()
     return name, kind
 
 
-Loaded = Declared | DeclaredSwitch | DeclaredTemplate | Deferred | ManifestError
+Loaded = (Declared | DeclaredSwitch | DeclaredTemplate | DeclaredSettings | Deferred
+          | ManifestError)
 
 
 def _load_file(path: Path, data: bytes, context: dict[str, Any]) -> Iterator[Loaded]:
@@ -1083,10 +1114,20 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
         return 0
     if kind == "VM":
         return (yield from _replicas(path, node, data, context, room=room))
+    if kind == "Settings":
+        try:
+            found_settings = Settings.model_validate(data, context=context)
+        except ValidationError as err:
+            for error in err.errors()[:room]:
+                yield ManifestError(path, _error_line(node, error),
+                                    _describe(error, Settings), kind="settings")
+            return len(err.errors())
+        yield DeclaredSettings(found_settings, path, line)
+        return 0
     if kind != "Switch":
         if room:
             yield ManifestError(path, _line_of(node, ("kind",)), f"unknown kind {shown(kind)} "
-                                "(expected VM, Switch or Template)", vm=name)
+                                "(expected VM, Switch, Template or Settings)", vm=name)
         return 1
     try:
         obj = Switch.model_validate(data, context=context)

@@ -360,7 +360,8 @@ def restore_timeout(size: int) -> float:
 async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                 remember: Callable[[Record], None], history: Mapping[str, int],
                 restore_from: Path | None = None, taps: Sequence[tuple[str, str]] = (),
-                keep: Mapping[str, Any] | None = None) -> Record:
+                keep: Mapping[str, Any] | None = None,
+                turn: Callable[[], Awaitable[float]] | None = None) -> Record:
     """Launch QEMU for vm and wait until QMP answers (and a restore has loaded).
 
     `remember` gets the record before the spawn (an intent: no pid yet), again as
@@ -370,6 +371,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     `restore_from`: a file written by `save()`, handed to QEMU as `-incoming fd:N`;
     the guest then stays paused until the caller resumes it. `keep`: record fields
     carried into the new record (a restore keeps `saved` until it has loaded).
+    `turn`: awaited right before the spawn (staggered starts); its time is started_at.
     """
     if len(str(paths.serial)) > MAX_SOCKET_PATH:
         raise LaunchError(
@@ -411,7 +413,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         return await _launch(vm, paths, source=source, paused=paused, remember=remember,
                              history=history, restore_from=restore_from, taps=taps,
                              keep=keep, accel=accel, files=files,
-                             serial_offset=serial_offset)
+                             serial_offset=serial_offset, turn=turn)
     finally:
         files.close()
 
@@ -420,7 +422,8 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                   remember: Callable[[Record], None], history: Mapping[str, int],
                   restore_from: Path | None, taps: Sequence[tuple[str, str]],
                   keep: Mapping[str, Any] | None, accel: str, files: Handoff,
-                  serial_offset: int) -> Record:
+                  serial_offset: int, turn: Callable[[], Awaitable[float]] | None
+                  ) -> Record:
     for stale in (paths.qmp, paths.serial, paths.pidfile, paths.agent):  # none alive
         stale.unlink(missing_ok=True)
     try:
@@ -432,9 +435,10 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     timeout = LAUNCH_TIMEOUT
     if restore_from is not None:
         timeout = restore_timeout(restore_from.stat().st_size)
+    started_at = await turn() if turn is not None else time.time()
     record = Record(
         name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
-        source=source, pid=0, start_time=0, started_at=time.time(),
+        source=source, pid=0, start_time=0, started_at=started_at,
         accel=accel, argv=argv, serial_offset=serial_offset,
         restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),
         backoff=history.get("backoff", 0), taps=[tap for tap, _ in taps],

@@ -42,7 +42,15 @@ from reconciler.observed import (
     post_mortem,
     read_json,
 )
-from reconciler.plan import BACKOFF_RESET_AFTER, FREEING, Action, Kind, describe, plan
+from reconciler.plan import (
+    BACKOFF_RESET_AFTER,
+    FREEING,
+    STARTING,
+    Action,
+    Kind,
+    describe,
+    plan,
+)
 from reconciler.specdiff import spec_diff
 
 log = logging.getLogger("reconciler")
@@ -107,12 +115,14 @@ class Report:
 
 async def reconcile_once(
     manifests: Path, state: StateDir, *, check: bool = False,
-    parallel: int = DEFAULT_PARALLEL, wait: bool = False,
+    parallel: int | None = None, wait: bool = False,
     max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
-    allow_dirs: Sequence[Path] = (), diff: bool = False,
+    allow_dirs: Sequence[Path] = (), diff: bool = False, stagger: float | None = None,
 ) -> Report:
     """Load, observe, plan and (unless check) apply, once; `wait`: until ready;
-    `diff`: with each changed VM's spec diff (recorded -> declared)."""
+    `diff`: with each changed VM's spec diff (recorded -> declared). `parallel` and
+    `stagger` (starts at most that many at once, that many seconds apart) override
+    the directory's `kind: Settings`."""
     loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
                               allow_dirs=allow_dirs)
     report = Report(errors=[str(e) for e in loaded.errors])
@@ -137,7 +147,12 @@ async def reconcile_once(
                           for a in actions]
         return report
     _count_silence(state, seen, now=now)
-    applier = _Applier(state, loaded.vms, seen, parallel=parallel,
+    given = loaded.settings
+    if parallel is None:
+        parallel = (given.parallel if given else None) or DEFAULT_PARALLEL
+    if stagger is None:
+        stagger = (given.stagger if given else None) or 0.0
+    applier = _Applier(state, loaded.vms, seen, parallel=parallel, stagger=stagger,
                        bridges={n: d.switch.bridge for n, d in loaded.switches.items()},
                        local={n: d.switch for n, d in loaded.switches.items()
                               if d.switch.local},
@@ -345,9 +360,12 @@ class _Applier:
     def __init__(self, state: StateDir, declared: dict[str, Declared],
                  seen: dict[str, ObservedVM], *, parallel: int,
                  bridges: dict[str, str], local: dict[str, Switch] | None = None,
-                 prune: bool = False) -> None:
+                 prune: bool = False, stagger: float = 0.0) -> None:
         self.state, self.declared, self.seen = state, declared, seen
         self.slots = asyncio.Semaphore(parallel)
+        self.stagger = stagger  # seconds between two QEMU launches (vmd's delay)
+        self._launch_lock = asyncio.Lock()
+        self._next_launch = 0.0
         self.bridges = bridges  # switch name -> bridge
         self.local = local or {}  # the local switches declared (vmd's local interface)
         self.prune = prune  # undeclared local switches may go (no manifest has errors)
@@ -358,12 +376,27 @@ class _Applier:
         self.network.close()
 
     async def apply(self, actions: Iterable[Action]) -> list[Result]:
+        """Stops first, lowest priority first, a priority group at a time; then starts,
+        highest priority first: a group whose VMs declare `ready` is waited for (ready
+        or failed) before the next; the other actions run alongside."""
         actions = list(actions)
         freeing = [a for a in actions if a.kind in FREEING]
-        rest = [a for a in actions if a not in freeing]
-        results = await asyncio.gather(*(self._one(a) for a in freeing))
+        starting = [a for a in actions if a.kind in STARTING]
+        rest = [a for a in actions if a not in freeing and a not in starting]
+        results: list[Result] = []
+        for group in self._groups(freeing, highest_first=False):
+            results += await asyncio.gather(*(self._one(a) for a in group))
         await self._local_switches()
-        results += await asyncio.gather(*(self._one(a) for a in rest))
+        others = asyncio.ensure_future(asyncio.gather(*(self._one(a) for a in rest)))
+        try:
+            groups = self._groups(starting, highest_first=True)
+            for index, group in enumerate(groups):
+                done = list(await asyncio.gather(*(self._one(a) for a in group)))
+                if index < len(groups) - 1:
+                    await self._until_ready(done)
+                results += done
+        finally:
+            results += await others
         try:
             if self.prune:
                 await asyncio.to_thread(self.network.remove_local, set(self.local))
@@ -372,6 +405,41 @@ class _Applier:
             log.debug("bridge collection failed", exc_info=True)
             self.errors.append(f"switches: cannot remove unused bridges: {err}")
         return list(results)
+
+    def _priority(self, name: str) -> int:
+        if name in self.declared:
+            return self.declared[name].vm.priority
+        seen = self.seen.get(name)
+        value = seen.record.spec.get("priority", 0) if seen is not None else 0
+        return value if isinstance(value, int) else 0
+
+    def _groups(self, actions: list[Action], *, highest_first: bool) -> list[list[Action]]:
+        """actions by their VMs' priority, one group per priority, in order."""
+        by: dict[int, list[Action]] = {}
+        for action in actions:
+            by.setdefault(self._priority(action.vm), []).append(action)
+        return [by[p] for p in sorted(by, reverse=highest_first)]
+
+    async def _until_ready(self, results: list[Result]) -> None:
+        """The VMs of a started group that declare `ready`: until ready or failed."""
+        waiting = [r.vm for r in results if r.outcome is Outcome.CHANGED
+                   and r.vm in self.declared and self.declared[r.vm].vm.ready is not None]
+        for name, (verdict, _) in zip(waiting, await asyncio.gather(
+                *(wait_ready(self.state, n) for n in waiting)), strict=True):
+            log.info("vm '%s': %s; the next priority group may start", name, verdict)
+
+    async def _launch_turn(self) -> float:
+        """Wait for this launch's turn, at least `stagger` seconds after the last one:
+        the time it is taken (the record's started_at; QEMU is spawned right after)."""
+        async with self._launch_lock:
+            while (wait := self._next_launch - time.time()) > 0:
+                await asyncio.sleep(wait)
+            now = time.time()
+            self._next_launch = now + self.stagger
+            return now
+
+    def _turn(self) -> Callable[[], Awaitable[float]] | None:
+        return self._launch_turn if self.stagger else None
 
     async def _local_switches(self) -> None:
         """Each local switch's address, DHCP and NAT, before any VM on it starts."""
@@ -432,7 +500,7 @@ class _Applier:
             record = await kvm.start(
                 vm, self.state.paths(vm.name), source=str(decl.file.absolute()),
                 paused=vm.state is State.PAUSED, remember=self.state.write,
-                history=self._history(action), taps=taps,
+                history=self._history(action), taps=taps, turn=self._turn(),
             )
         except BaseException:
             self.network.remove_taps(vm.name, [tap for tap, _ in taps])
@@ -487,7 +555,7 @@ class _Applier:
             record = await kvm.start(
                 hardware, paths, source=str(decl.file.absolute()),
                 paused=decl.vm.state is State.PAUSED, history=history,
-                remember=self.state.write, restore_from=saved, taps=taps,
+                remember=self.state.write, restore_from=saved, taps=taps, turn=self._turn(),
                 keep={"saved": old.saved, "saved_pid": old.saved_pid,
                       # ready when saved: ready when restored (no second boot marker)
                       "ready_at": old.ready_at, "ready_passed": old.ready_passed},

@@ -100,7 +100,7 @@ def test_bad_names_kinds_and_shapes_are_errors(tree: Path) -> None:
     assert messages(tree) == [
         f"{path}:1: vm 'Web_1': name 'Web_1' is not valid: use 1-63 lowercase letters, "
         "digits and dashes, starting with a letter or digit",
-        f"{path}:4: vm 'r': unknown kind 'Router' (expected VM, Switch or Template)",
+        f"{path}:4: vm 'r': unknown kind 'Router' (expected VM, Switch, Template or Settings)",
         f"{path}:7: a document must be a mapping of fields (got list)",
         f"{path}:10: name is required",
     ]
