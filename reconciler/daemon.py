@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler import desired as desired_mod
 from reconciler import kvm
-from reconciler.loop import Report, reconcile_once
+from reconciler.loop import Inflight, Report, reconcile_once
 from reconciler.notify import notify, watchdog_interval
 from reconciler.observed import StateDir, is_alive, open_pidfd, post_mortem
 
@@ -48,6 +48,7 @@ class Watch:
         self.passes = 0
         self.retry_at: float | None = None  # when the next backed-off restart is due
         self._pidfds: dict[int, int] = {}  # pid -> pidfd of every live VM
+        self.inflight = Inflight(self.wake)  # VM actions that outlived their pass
 
     async def run(self) -> None:
         helpers = [asyncio.create_task(self._watch_manifests())]
@@ -66,6 +67,10 @@ class Watch:
                 await self._sleep()
         finally:
             notify("STOPPING=1")
+            if self.inflight.tasks:  # never left half done
+                log.info("waiting for %s to finish", ", ".join(
+                    f"vm '{n}' ({k})" for n, k in sorted(self.inflight.kinds.items())))
+                await self.inflight.settle()
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -87,7 +92,7 @@ class Watch:
         try:
             report = await reconcile_once(self.manifests, self.state, parallel=self.parallel,
                                           max_bytes=self.max_bytes, stagger=self.stagger,
-                                          allow_dirs=self.allow_dirs)
+                                          allow_dirs=self.allow_dirs, inflight=self.inflight)
         except Exception as err:  # one bad pass must not end the daemon
             log.error("pass failed: %s: %s", type(err).__name__, err)
             log.debug("pass failed", exc_info=True)

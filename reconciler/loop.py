@@ -118,11 +118,16 @@ async def reconcile_once(
     parallel: int | None = None, wait: bool = False,
     max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
     allow_dirs: Sequence[Path] = (), diff: bool = False, stagger: float | None = None,
+    inflight: Inflight | None = None,
 ) -> Report:
     """Load, observe, plan and (unless check) apply, once; `wait`: until ready;
     `diff`: with each changed VM's spec diff (recorded -> declared). `parallel` and
     `stagger` (starts at most that many at once, that many seconds apart) override
-    the directory's `kind: Settings`."""
+    the directory's `kind: Settings`. `inflight` (the daemon's): each VM's action runs
+    as a task of its own; the pass returns when its wake-up event is set, leaving the
+    actions still running to finish by themselves, and the next pass leaves those VMs
+    alone until they have.
+    """
     loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
                               allow_dirs=allow_dirs)
     report = Report(errors=[str(e) for e in loaded.errors])
@@ -131,7 +136,8 @@ async def reconcile_once(
                              "nothing is pruned (`reconcile down` stops every VM)")
     now = time.time()
     seen, unreadable = await observe(state, kvm.query_status, now=now)
-    if not check and await _recover(state, seen, now=now):
+    busy = set(inflight.tasks) if inflight is not None else set()
+    if not check and await _recover(state, seen, now=now, busy=busy):
         now = time.time()
         seen, unreadable = await observe(state, kvm.query_status, now=now)
     seen = await assess(state, seen, now=now, persist=not check)
@@ -146,6 +152,8 @@ async def reconcile_once(
         report.results = [_unapplied(a, Outcome.PENDING if a.changes else Outcome.OK)
                           for a in actions]
         return report
+    skipped = [a for a in actions if a.vm in busy]
+    actions = [a for a in actions if a.vm not in busy]
     _count_silence(state, seen, now=now)
     given = loaded.settings
     if parallel is None:
@@ -156,12 +164,18 @@ async def reconcile_once(
                        bridges={n: d.switch.bridge for n, d in loaded.switches.items()},
                        local={n: d.switch for n, d in loaded.switches.items()
                               if d.switch.local},
-                       prune=not report.errors)
+                       prune=not report.errors, inflight=inflight)
     try:
         report.results = await applier.apply(actions)
         report.errors += applier.errors
     finally:
         applier.close()
+    if inflight is not None:
+        report.results += inflight.drain()  # what earlier passes left running, now done
+        report.results += [Result(a.vm, Outcome.OK, Kind.NONE, f"busy: its "
+                                  f"{inflight.kinds[a.vm]} is still under way; looked at "
+                                  "again when it is done")
+                           for a in skipped if a.vm in inflight.kinds]
     if wait:
         report.results = await _wait_ready(state, report.results)
     report.states = _states_after(report.results, loaded.vms, seen, now=now)
@@ -183,7 +197,8 @@ def _diffs(declared: dict[str, Declared], seen: dict[str, ObservedVM],
     return found
 
 
-async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float) -> bool:
+async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float,
+                   busy: Iterable[str] = ()) -> bool:
     """Finish what a reconciler killed mid-step left half done; True if anything was.
 
     - a QEMU spawned before its pid reached the record is adopted (never a twin);
@@ -192,7 +207,10 @@ async def _recover(state: StateDir, seen: dict[str, ObservedVM], *, now: float) 
       one that did not load in time is killed (its guest never ran: the file stays).
     """
     acted = False
+    skip = set(busy)  # being acted on right now (the daemon's actions still running)
     for vm in seen.values():
+        if vm.name in skip:
+            continue
         record, paths = vm.record, state.paths(vm.name)
         try:
             if vm.adopted:
@@ -354,14 +372,63 @@ def _states_after(results: Iterable[Result], declared: dict[str, Declared],
     return states
 
 
+class Inflight:
+    """The daemon's VM actions in progress, across passes: at most one per VM.
+
+    A pass that is woken (`wake`: a VM exit, a manifest change) returns without waiting
+    for its slow actions (a guest taking its stop_timeout to power off); they go on as
+    tasks, and when one ends it wakes the daemon, its result goes into the next report.
+    """
+
+    def __init__(self, wake: asyncio.Event) -> None:
+        self.wake = wake
+        self.tasks: dict[str, asyncio.Task[Result]] = {}
+        self.kinds: dict[str, str] = {}
+        self._done: list[Result] = []
+        self._detached: set[asyncio.Task[Result]] = set()
+
+    def add(self, name: str, kind: str, task: asyncio.Task[Result]) -> None:
+        self.tasks[name], self.kinds[name] = task, kind
+
+        def finished(done: asyncio.Task[Result]) -> None:
+            if self.tasks.get(name) is done:
+                del self.tasks[name], self.kinds[name]
+            if done in self._detached:  # its pass is over: report it in the next
+                self._detached.discard(done)
+                if not done.cancelled() and done.exception() is None:
+                    self._done.append(done.result())
+                self.wake.set()
+
+        task.add_done_callback(finished)
+
+    def detach(self, tasks: Iterable[asyncio.Task[Result]]) -> None:
+        self._detached.update(t for t in tasks if not t.done())
+
+    def drain(self) -> list[Result]:
+        done, self._done = self._done, []
+        return done
+
+    async def settle(self) -> None:
+        """Until every action under way has ended (the daemon's exit)."""
+        while self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+class _Interrupted(Exception):
+    """The daemon was woken while this pass waited on its actions."""
+
+
 class _Applier:
     """Carries out a plan: terminations first, then the rest, each bounded in parallel."""
 
     def __init__(self, state: StateDir, declared: dict[str, Declared],
                  seen: dict[str, ObservedVM], *, parallel: int,
                  bridges: dict[str, str], local: dict[str, Switch] | None = None,
-                 prune: bool = False, stagger: float = 0.0) -> None:
+                 prune: bool = False, stagger: float = 0.0,
+                 inflight: Inflight | None = None) -> None:
         self.state, self.declared, self.seen = state, declared, seen
+        self.inflight = inflight
+        self._mine: list[asyncio.Task[Result]] = []  # this pass's actions
         self.slots = asyncio.Semaphore(parallel)
         self.stagger = stagger  # seconds between two QEMU launches (vmd's delay)
         self._launch_lock = asyncio.Lock()
@@ -373,28 +440,72 @@ class _Applier:
         self.errors: list[str] = []  # what went wrong outside any one VM
 
     def close(self) -> None:
-        self.network.close()
+        """Once every action of this pass has ended (some may outlive it: Inflight)."""
+        running = [t for t in self._mine if not t.done()]
+        if not running:
+            self.network.close()
+            return
+        for task in running:
+            task.add_done_callback(lambda _: self.close() if all(
+                t.done() for t in self._mine) else None)
+
+    def _run(self, action: Action) -> asyncio.Task[Result]:
+        task = asyncio.ensure_future(self._one(action))
+        self._mine.append(task)
+        if self.inflight is not None:
+            self.inflight.add(action.vm, action.kind.value, task)
+        return task
+
+    async def _all(self, actions: Iterable[Action]) -> list[Result]:
+        """Each action as a task of its own; their results. With the daemon's Inflight,
+        _Interrupted as soon as it is woken, the tasks going on by themselves."""
+        tasks = [self._run(a) for a in actions]
+        if self.inflight is None or not tasks:
+            return list(await asyncio.gather(*tasks))
+        await self._until_done(tasks)
+        return [t.result() for t in tasks]
+
+    async def _until_done(self, tasks: list[asyncio.Task[Result]]) -> None:
+        assert self.inflight is not None
+        woken = asyncio.ensure_future(self.inflight.wake.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending | {woken},
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(woken)
+                if woken in done and pending:
+                    self.inflight.detach(tasks)
+                    raise _Interrupted
+        finally:
+            woken.cancel()
 
     async def apply(self, actions: Iterable[Action]) -> list[Result]:
+        results: list[Result] = []
+        try:
+            await self._apply(list(actions), results)
+        except _Interrupted:
+            log.info("woken while actions run: they go on; a new pass starts now")
+        return results
+
+    async def _apply(self, actions: list[Action], results: list[Result]) -> None:
         """Stops first, lowest priority first, a priority group at a time; then starts,
         highest priority first: a group whose VMs declare `ready` is waited for (ready
         or failed) before the next; the other actions run alongside."""
-        actions = list(actions)
         freeing = [a for a in actions if a.kind in FREEING]
         starting = [a for a in actions if a.kind in STARTING]
         rest = [a for a in actions if a not in freeing and a not in starting]
-        results: list[Result] = []
         for group in self._groups(freeing, highest_first=False):
-            results += await asyncio.gather(*(self._one(a) for a in group))
+            results += await self._all(group)
         await self._local_switches()
-        others = asyncio.ensure_future(asyncio.gather(*(self._one(a) for a in rest)))
+        others = asyncio.ensure_future(self._all(rest))
         try:
             groups = self._groups(starting, highest_first=True)
             for index, group in enumerate(groups):
-                done = list(await asyncio.gather(*(self._one(a) for a in group)))
-                if index < len(groups) - 1:
-                    await self._until_ready(done)
+                done = await self._all(group)
                 results += done
+                if index < len(groups) - 1:
+                    await self._until_ready(self._priority(groups[index + 1][0].vm))
         finally:
             results += await others
         try:
@@ -404,7 +515,6 @@ class _Applier:
         except Exception as err:  # the VMs' outcomes stand; the bridge waits for a pass
             log.debug("bridge collection failed", exc_info=True)
             self.errors.append(f"switches: cannot remove unused bridges: {err}")
-        return list(results)
 
     def _priority(self, name: str) -> int:
         if name in self.declared:
@@ -420,12 +530,25 @@ class _Applier:
             by.setdefault(self._priority(action.vm), []).append(action)
         return [by[p] for p in sorted(by, reverse=highest_first)]
 
-    async def _until_ready(self, results: list[Result]) -> None:
-        """The VMs of a started group that declare `ready`: until ready or failed."""
-        waiting = [r.vm for r in results if r.outcome is Outcome.CHANGED
-                   and r.vm in self.declared and self.declared[r.vm].vm.ready is not None]
-        for name, (verdict, _) in zip(waiting, await asyncio.gather(
-                *(wait_ready(self.state, n) for n in waiting)), strict=True):
+    async def _until_ready(self, below: int) -> None:
+        """Before VMs of priority `below` start: every running VM of a higher priority
+        that declares `ready`, until ready or failed (started now or by an earlier pass)."""
+        records, _ = self.state.records()
+        waiting = [name for name, decl in self.declared.items()
+                   if decl.vm.priority > below and decl.vm.ready is not None
+                   and name in records and is_alive(records[name])]
+        wait: asyncio.Future[list[tuple[str, bool]]] = asyncio.ensure_future(
+            asyncio.gather(*(wait_ready(self.state, n) for n in waiting)))
+        if self.inflight is not None:
+            woken: asyncio.Future[Any] = asyncio.ensure_future(self.inflight.wake.wait())
+            try:
+                await asyncio.wait([wait, woken], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+            if not wait.done():
+                wait.cancel()
+                raise _Interrupted
+        for name, (verdict, _) in zip(waiting, await wait, strict=True):
             log.info("vm '%s': %s; the next priority group may start", name, verdict)
 
     async def _launch_turn(self) -> float:
