@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
-SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh")
+SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh", "import")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,8 +91,8 @@ def _main_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="reconcile",
         description="Converge the QEMU VMs running on this host with YAML manifests.",
-        epilog="other commands: reconcile {status,list,validate,schema,down,console,ssh} "
-               "--help",
+        epilog="other commands: reconcile {status,list,validate,schema,down,console,ssh,"
+               "import} --help",
     )
     parser.add_argument("path", help="a manifest file or directory")
     parser.add_argument("--once", action="store_true",
@@ -141,6 +141,15 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         parser.description = ("Every VM on this host: QEMU processes (ours and others') "
                               "and KVM VMs of any hypervisor (debugfs).")
         parser.add_argument("--json", action="store_true")
+    elif command == "import":
+        parser.description = ("Convert vmd's vm.conf into manifests: printed, or written "
+                              "into DIR (-o) and validated there. What has no equivalent "
+                              "is reported.")
+        parser.add_argument("file", type=Path)
+        parser.add_argument("-o", "--output", type=Path, metavar="DIR",
+                            help="write one manifest per VM (and switches.yaml, "
+                                 "settings.yaml) into DIR; existing files are never "
+                                 "overwritten")
     elif command == "down":
         parser.description = "Terminate every managed VM gracefully."
     elif command == "console":
@@ -210,7 +219,8 @@ def _dispatch(argv: list[str]) -> int:
         vars(args).update({k: v for k, v in vars(options).items() if v not in (None, False)})
         _logging(args.verbose, debug=args.debug)
         handler = {"status": _status, "list": _list, "validate": _validate,
-                   "schema": _schema, "down": _down, "console": _console, "ssh": _ssh}
+                   "schema": _schema, "down": _down, "console": _console, "ssh": _ssh,
+                   "import": _import}
         return handler[command](args)
     if tail:
         rest = [*rest, "--", *tail]
@@ -416,6 +426,48 @@ def _list(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """vm.conf -> manifests (vmd users bring their config)."""
+    import yaml
+
+    from reconciler import desired, vmconf
+
+    try:
+        text = args.file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"reconcile import: cannot read {args.file}: {err}", file=sys.stderr)
+        return 1
+    try:
+        converted = vmconf.convert(text, args.file)
+    except vmconf.ImportError_ as err:
+        print(err, file=sys.stderr)
+        print(f"reconcile import: {args.file} not converted; nothing written",
+              file=sys.stderr)
+        return 1
+    for note in converted.notes:
+        print(f"{note}", file=sys.stderr)
+    texts = {name: yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False)
+             for name, docs in converted.files.items()}
+    if args.output is None:
+        print("---\n".join(texts.values()), end="")
+        return 0
+    clash = [args.output / name for name in texts if (args.output / name).exists()]
+    if clash:
+        print(f"reconcile import: {clash[0]} exists; nothing written (choose an empty -o "
+              "DIR)", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, body in texts.items():
+        (args.output / name).write_text(f"# from {args.file} by reconcile import\n{body}")
+    loaded = desired.load(args.output)
+    for error in loaded.errors:
+        print(error, file=sys.stderr)
+    print(f"wrote {len(texts)} file(s) to {args.output}: {len(loaded.vms)} VMs, "
+          f"{len(loaded.switches)} switches" + (f"; {len(loaded.errors)} problems to fix "
+                                                "there" if loaded.errors else ""))
+    return 1 if loaded.errors else 0
 
 
 def _down(args: argparse.Namespace) -> int:
