@@ -223,7 +223,7 @@ def test_validate_reports_every_error_without_touching_vms(
         f"{tmp_path / 'a.yaml'}:3: vm 'a': vcpus must be at least 1 (got 0)",
         f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, agent, "
         "boot, cdrom, cloud_init, cpus, disks, interfaces, kind, labels, memory, name, "
-        "on_change, owner, ready, resources, restart, state, stop_timeout, vcpus)",
+        "on_change, owner, priority, ready, resources, restart, state, stop_timeout, vcpus)",
     ]
 
 
