@@ -9,7 +9,6 @@ one is masked all the same.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -68,6 +67,8 @@ def spec_diff(name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] |
               ) -> str:
     """The unified diff of VM name's spec; "" when nothing differs. None: no such side
     (a VM to create, or one to remove)."""
+    import difflib  # only --diff pays for it
+
     before = render(old) if old is not None else []
     after = render(new) if new is not None else []
     if before == after:
