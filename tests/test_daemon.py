@@ -157,8 +157,8 @@ def test_on_exit_save_saves_every_vm_and_the_next_daemon_restores_them(
 def test_a_guest_slow_to_power_off_does_not_delay_the_restart_of_another(
     manifests: Path, guest: Path, state_dir: Path, daemon: StartDaemon
 ) -> None:
-    # rdinit=/bin/sh: no acpid, so "deaf" ignores its power button for its 20 s grace
-    deaf = vm_manifest("deaf", guest, stop_timeout="20s").replace(
+    # rdinit=/bin/sh: no acpid, so "deaf" ignores its power button for its 30 s grace
+    deaf = vm_manifest("deaf", guest, stop_timeout="30s").replace(
         "console=ttyS0 quiet", "console=ttyS0 quiet rdinit=/bin/sh")
     (manifests / "deaf.yaml").write_text(deaf)
     (manifests / "web.yaml").write_text(vm_manifest("web", guest))
@@ -172,11 +172,11 @@ def test_a_guest_slow_to_power_off_does_not_delay_the_restart_of_another(
     os.kill(web_pid, signal.SIGKILL)
     began = time.monotonic()
     wait_for(lambda: pid_of(state_dir, "web") != web_pid and alive(pid_of(state_dir, "web")),
-             timeout=15, what="web restarted while deaf still has its grace")
+             timeout=25, what="web restarted while deaf still has its grace")
     assert alive(deaf_pid), "deaf ended before web came back: nothing was shown"
-    assert time.monotonic() - began < 15
-    wait_for(lambda: not alive(deaf_pid), timeout=40, what="deaf quit after its grace")
-    wait_for(lambda: "quit after 20s grace" in d.text(), timeout=10, what="deaf's outcome")
+    assert time.monotonic() - began < 25
+    wait_for(lambda: not alive(deaf_pid), timeout=60, what="deaf quit after its grace")
+    wait_for(lambda: "quit after 30s grace" in d.text(), timeout=10, what="deaf's outcome")
     assert "Traceback" not in d.text()
 
 
