@@ -115,16 +115,14 @@ def place(name: str, resources: Resources | None, pid: int, *,
     return Limits("applied", cgroup=str(group))
 
 
-def remove(name: str, *, root: Path | None = None, mounts: Path = MOUNTS) -> None:
-    """The VM's group, once its QEMU has ended (an empty group only; never an error)."""
-    root = root if root is not None else v2_mount(mounts)
-    if root is None:
-        return
+def remove(group: str) -> None:
+    """A VM's group, once its QEMU has ended: the kernel refuses while a process is in
+    it (EBUSY), and that is no error (the next end of the VM removes it)."""
     try:
-        (root / SLICE / name).rmdir()
+        os.rmdir(group)
     except OSError as err:
         if err.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-            raise CgroupError(f"cannot remove {root / SLICE / name}: {err.strerror}") from err
+            raise CgroupError(f"cannot remove {group}: {err.strerror}") from err
 
 
 def _write(path: Path, value: str) -> None:

@@ -819,9 +819,16 @@ class Network:
         return plugged
 
     def unplug(self, record: Record) -> None:
-        """Remove the taps of a VM whose process has ended."""
-        if record.taps and not is_alive(record):
+        """Remove the taps (and the cgroup) of a VM whose process has ended."""
+        if is_alive(record):
+            return
+        if record.taps:
             self.remove_taps(record.name, record.taps)
+        if record.limits and record.limits.get("cgroup"):
+            try:
+                cgroups.remove(record.limits["cgroup"])
+            except cgroups.CgroupError as err:
+                log.warning("vm '%s': %s", record.name, err)
 
     def remove_taps(self, vm: str, taps: list[str]) -> None:
         """Remove taps (a failure is only logged: the VM's own outcome stands)."""

@@ -55,6 +55,14 @@ def test_limits_go_into_the_vms_own_group_with_its_process(tmp_path: Path) -> No
     assert (group / "cgroup.procs").read_text() == "4242"
     assert not (group / "pids.max").exists()  # only what was declared
     assert cgroups.place("web-1", None, 4242, mounts=mounts) is None
+    (group / "cgroup.procs").unlink()
+    (group / "cpu.max").unlink()
+    cgroups.remove(str(group))  # not empty: kept (the kernel says EBUSY while in use)
+    assert group.exists()
+    (group / "memory.max").unlink()
+    cgroups.remove(str(group))
+    assert not group.exists()
+    cgroups.remove(str(group))  # already gone: fine
 
 
 def test_a_missing_controller_leaves_every_limit_pending_with_the_reason(
