@@ -38,6 +38,7 @@ from reconciler.observed import (
     VMPaths,
     find_qemu,
     open_pidfd,
+    opt,
     process_start_time,
 )
 from reconciler.privsep import Handoff, Identity, PrivsepError
@@ -104,11 +105,6 @@ def choose_accel(requested: Accel, *, sys_module: Path = Path("/sys/module"),
 
 
 # --- command line ---------------------------------------------------------
-
-def opt(value: object) -> str:
-    """A value inside a QEMU `key=value,...` option: commas are doubled, never separators."""
-    return str(value).replace(",", ",,")
-
 
 def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, files: Handoff,
               binary: str = QEMU, taps: Sequence[tuple[int, str]] = ()) -> list[str]:

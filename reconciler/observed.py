@@ -409,6 +409,11 @@ def open_pidfd(record: Record) -> int | None:
     return pidfd
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU `key=value,...` option: commas are doubled, never separators."""
+    return str(value).replace(",", ",,")
+
+
 def runs_vm(pid: int, paths: VMPaths) -> int | None:
     """The start time of pid if it is the live QEMU of this VM in this state dir.
 
@@ -421,7 +426,7 @@ def runs_vm(pid: int, paths: VMPaths) -> int | None:
         return None
     # The console log's fd set is tagged with its path (privsep.Handoff); a QEMU started
     # before privilege separation named its QMP socket instead.
-    markers = [f"{key}={str(path).replace(',', ',,')}".encode(errors="surrogateescape")
+    markers = [f"{key}={opt(path)}".encode(errors="surrogateescape")
                for key, path in (("opaque", paths.serial_log), ("path", paths.qmp))]
     if not any(arg.endswith(m) or m + b"," in arg for arg in args for m in markers):
         return None

@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.observed import VMPaths
+from reconciler.observed import VMPaths, opt
 
 QEMU_USER = "reconciler-qemu"
 KVM_GROUP = "kvm"
@@ -142,7 +142,7 @@ class Handoff:
                 fd = self._keep(os.open(path, mode | os.O_CLOEXEC))
             except OSError as err:
                 raise PrivsepError(f"cannot open {path}: {err.strerror}") from err
-            self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={_opt(path)}"]
+            self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={opt(path)}"]
         return f"/dev/fdset/{self._sets}"
 
     def log(self, path: Path) -> tuple[int, str]:
@@ -157,7 +157,7 @@ class Handoff:
         self._keep(fd)
         owns(path, self.who, mode=0o640, fd=fd)
         self._sets += 1
-        self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={_opt(path)}"]
+        self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={opt(path)}"]
         return fd, f"/dev/fdset/{self._sets}"
 
     def listen(self, path: Path) -> int:
@@ -226,10 +226,6 @@ class Handoff:
         self.fds = [fd for fd in self._memfds if keep_copies]
         if not keep_copies:
             self._memfds.clear()
-
-
-def _opt(path: Path) -> str:
-    return str(path).replace(",", ",,")
 
 
 def can_open_kvm(who: Identity | None, device: Path = Path("/dev/kvm")) -> bool:
