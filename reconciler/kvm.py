@@ -114,7 +114,7 @@ def qemu_argv(vm: VM, paths: VMPaths, *, accel: str, paused: bool, files: Handof
     names them: privsep), so QEMU needs no path of the host. `taps`: (descriptor,
     MAC) for each of vm's interfaces, in order.
     """
-    _, console_log = files.log(paths.serial_log)  # its tag names the VM (observed.runs_vm)
+    console_log = files.log(paths.serial_log)  # its tag names the VM (observed.runs_vm)
     argv = [
         binary, "-nodefaults", "-no-user-config",
         "-name", f"guest={opt(vm.name)}",

@@ -135,18 +135,24 @@ class Handoff:
         A writable image gets a read-write and a read-only descriptor (QEMU picks the one
         whose mode it asks for); the opaque tag is the path, for `ps` and `query-fdsets`.
         """
-        self._sets += 1
         modes = (os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,)
+        fds = []
         for mode in modes:
             try:
-                fd = self._keep(os.open(path, mode | os.O_CLOEXEC))
+                fds.append(self._keep(os.open(path, mode | os.O_CLOEXEC)))
             except OSError as err:
                 raise PrivsepError(f"cannot open {path}: {err.strerror}") from err
+        return self._set(fds, path)
+
+    def _set(self, fds: list[int], path: Path) -> str:
+        """A new fd set of fds (-add-fd, tagged with path): the name QEMU opens it by."""
+        self._sets += 1
+        for fd in fds:
             self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={opt(path)}"]
         return f"/dev/fdset/{self._sets}"
 
-    def log(self, path: Path) -> tuple[int, str]:
-        """A log QEMU appends to: the descriptor, and the fd set naming it.
+    def log(self, path: Path) -> str:
+        """A log QEMU appends to, as the fd set naming it.
 
         Root's, readable by an owner's group (0640); opened without following a symlink."""
         try:
@@ -156,9 +162,7 @@ class Handoff:
             raise PrivsepError(f"cannot open {path}: {err.strerror}") from err
         self._keep(fd)
         owns(path, self.who, mode=0o640, fd=fd)
-        self._sets += 1
-        self.options += ["-add-fd", f"fd={fd},set={self._sets},opaque={opt(path)}"]
-        return fd, f"/dev/fdset/{self._sets}"
+        return self._set([fd], path)
 
     def listen(self, path: Path) -> int:
         """A listening unix socket at path for QEMU to serve: an owner's group may connect."""
