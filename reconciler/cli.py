@@ -347,7 +347,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import time
 
-    from reconciler import kvm
+    from reconciler import inventory
     from reconciler.loop import look
     from reconciler.observed import Status
     from reconciler.plan import describe
@@ -374,8 +374,10 @@ def _status(args: argparse.Namespace) -> int:
             pending = f"resources pending: {record.limits.get('reason', '')}"
             rows[-1]["detail"] = "; ".join(filter(None, (rows[-1]["detail"], pending)))
     live = {vm.record.pid for vm in seen.values() if vm.status in (Status.RUNNING, Status.PAUSED)}
-    for pid, cmd in kvm.unmanaged_qemu(live, state.vms_dir):
-        rows.append({"name": cmd, "state": "running", "pid": pid, "vcpus": None,
+    foreign = [v for v in inventory.host_vms(live, ours=state.vms_dir) if not v.managed]
+    for other in foreign:
+        rows.append({"name": other.name or f"pid-{other.pid}", "state": "running",
+                     "pid": other.pid, "vcpus": None,
                      "memory": None, "accel": None, "restarts": None, "reboots": None,
                      "managed": False, "source": None, "exit": None, "addresses": [],
                      "detail": "", "resources": None})

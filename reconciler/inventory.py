@@ -89,8 +89,13 @@ def kvm_vms(kvm: Path | None) -> dict[int, int]:
 
 
 def host_vms(managed: set[int], *, proc: Path = Path("/proc"),
-             kvm: Path | None = None) -> list[HostVM]:
-    """Every QEMU and every KVM VM on the host, by pid; `managed`: our live pids."""
+             kvm: Path | None = None, ours: Path | None = None) -> list[HostVM]:
+    """Every QEMU and every KVM VM on the host, by pid; `managed`: our live pids.
+
+    `ours`: a state dir's vms/: a QEMU tagged with it (privsep's fd sets) is left out
+    when `managed` does not name it (another owner's VM: neither ours to show nor
+    foreign)."""
+    tag = f"opaque={ours}/" if ours is not None else None
     in_kvm = kvm_vms(kvm)
     rows: list[HostVM] = []
     seen: set[int] = set()
@@ -107,6 +112,8 @@ def host_vms(managed: set[int], *, proc: Path = Path("/proc"),
         except OSError:
             continue
         if process_start_time(pid) is None:  # gone, or a zombie
+            continue
+        if tag is not None and pid not in managed and any(tag in a for a in args):
             continue
         seen.add(pid)
         if comm.startswith("qemu-system"):

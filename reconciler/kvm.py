@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -705,32 +704,3 @@ async def _migration_done(client: QMPClient, *, timeout: float) -> None:
             raise ControlError(f"migration {status}: {info.get('error-desc', 'no reason')}")
         await asyncio.sleep(SAVE_POLL)
     raise ControlError(f"migration did not complete within {timeout:.0f}s")
-
-
-def unmanaged_qemu(known: set[int], state: Path | None = None) -> list[tuple[int, str]]:
-    """QEMU processes on this host that are not in `known` pids: (pid, guest name).
-
-    `state`: a state dir's vms/; its QEMUs are not foreign even when their records are
-    not ours to read (an owner's `status` shows their own VMs, not others' as unmanaged).
-    """
-    mine = f"opaque={state}/".encode() if state is not None else None
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) in known:
-            continue
-        if process_start_time(int(proc.name)) is None:  # gone, or a zombie
-            continue
-        try:
-            if not (proc / "comm").read_text().startswith("qemu-system"):
-                continue
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if mine is not None and any(mine in arg for arg in args):
-            continue
-        name = f"pid-{proc.name}"
-        for flag, value in itertools.pairwise(args):
-            if flag == b"-name":
-                name = value.decode(errors="replace").removeprefix("guest=").split(",")[0]
-        found.append((int(proc.name), name))
-    return sorted(found)
