@@ -391,14 +391,7 @@ def _status(args: argparse.Namespace) -> int:
         for row in rows:
             row["address"] = ",".join(dict.fromkeys(a["ipv4"] for a in row["addresses"])) \
                 or None
-        table = [header] + [
-            tuple("-" if row[k] is None else ("yes" if row[k] is True else
-                  "no" if row[k] is False else str(row[k])) for k in keys)
-            for row in rows
-        ]
-        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-        for line in table:
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        _print_table(header, [[row[k] for k in keys] for row in rows])
     for problem in problems.values():
         print(problem, file=sys.stderr)
     unresponsive = any(vm.unresponsive for vm in seen.values())
@@ -420,14 +413,20 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return 0
-    table = [("PID", "NAME", "COMMAND", "VCPUS", "MEMORY", "KVM", "MANAGED")] + [
-        (str(r.pid), r.name or "-", r.command, "-" if r.vcpus is None else str(r.vcpus),
-         "-" if r.memory is None else f"{r.memory}M", "yes" if r.kvm else "no",
-         "yes" if r.managed else "no") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(("PID", "NAME", "COMMAND", "VCPUS", "MEMORY", "KVM", "MANAGED"), [
+        [r.pid, r.name, r.command, r.vcpus, None if r.memory is None else f"{r.memory}M",
+         r.kvm, r.managed] for r in rows])
     return 0
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Aligned columns, like vmctl's: None is -, a boolean yes or no."""
+    table = [list(header)] + [
+        ["-" if v is None else ("yes" if v else "no") if isinstance(v, bool) else str(v)
+         for v in row] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -508,8 +507,7 @@ def _ssh(args: argparse.Namespace) -> int:
     address, paths = found[0].ipv4, state.paths(args.name)
     argv = ["ssh"]
     try:
-        pinned = seed.known_hosts_line([address], paths.host_key.with_suffix(".pub")
-                                       .read_text())
+        pinned = seed.known_hosts_line([address], paths.host_key_public.read_text())
     except (OSError, ValueError):
         pinned = ""
     if pinned:  # the first connection is verified, not trusted
