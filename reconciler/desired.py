@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -1115,31 +1115,45 @@ def _load_document(path: Path, node: yaml.Node, context: dict[str, Any], *, room
     if kind == "VM":
         return (yield from _replicas(path, node, data, context, room=room))
     if kind == "Settings":
-        try:
-            found_settings = Settings.model_validate(data, context=context)
-        except ValidationError as err:
-            for error in err.errors()[:room]:
-                yield ManifestError(path, _error_line(node, error),
-                                    _describe(error, Settings), kind="settings")
-            return len(err.errors())
-        yield DeclaredSettings(found_settings, path, line)
-        return 0
+        settings, failed = yield from _validated(Settings, data, context, path, node,
+                                                 room=room, name=None, kind="settings")
+        if settings is not None:
+            yield DeclaredSettings(settings, path, line)
+        return failed
     if kind != "Switch":
         if room:
             yield ManifestError(path, _line_of(node, ("kind",)), f"unknown kind {shown(kind)} "
                                 "(expected VM, Switch, Template or Settings)", vm=name)
         return 1
+    switch, failed = yield from _validated(Switch, data, context, path, node, room=room,
+                                           name=name, kind="switch")
+    if switch is not None:
+        yield DeclaredSwitch(switch=switch, file=path, line=line,
+                             subnet_line=_line_of(node, ("subnet",)))
+    return failed
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validated(model: type[_Model], data: dict[str, Any], context: dict[str, Any],
+               path: Path, node: yaml.Node, *, room: int, name: str | None, kind: str,
+               origin: dict[str, tuple[Path, yaml.Node]] | None = None
+               ) -> Generator[ManifestError, None, tuple[_Model | None, int]]:
+    """data as model, or (None and) its errors at their FILE:LINE, at most `room` of
+    them: the object, and how many errors there were. `origin`: fields written in
+    another document (a template), where their errors point."""
     try:
-        obj = Switch.model_validate(data, context=context)
+        return model.model_validate(data, context=context), 0
     except ValidationError as err:
         errors = err.errors()
-        for error in errors[:room]:
-            yield ManifestError(path, _error_line(node, error),
-                                _describe(error, Switch), vm=name, kind="switch")
-        return len(errors)
-    yield DeclaredSwitch(switch=obj, file=path, line=line,
-                         subnet_line=_line_of(node, ("subnet",)))
-    return 0
+    for error in errors[:room]:
+        where, at = path, node
+        if origin and error["loc"] and error["loc"][0] in origin:
+            where, at = origin[error["loc"][0]]
+        yield ManifestError(where, _error_line(at, error), _describe(error, model),
+                            vm=name, kind=kind)
+    return None, len(errors)
 
 
 MAX_REPLICAS = 256
@@ -1236,17 +1250,10 @@ def _replicas(path: Path, node: yaml.Node, data: dict[str, Any], context: dict[s
         one = dict(base, name=each) if each is not None else base
         if isinstance(one.get("disks"), list):
             one["disks"] = [_named(d, each) for d in one["disks"]]
-        try:
-            vm = VM.model_validate(one, context=context)
-        except ValidationError as err:
-            errors = err.errors()
-            for error in errors[:room]:
-                where, at = path, node
-                if origin and error["loc"] and error["loc"][0] in origin:
-                    where, at = origin[error["loc"][0]]
-                yield ManifestError(where, _error_line(at, error), _describe(error, VM),
-                                    vm=each, kind="vm")
-            return len(errors)  # one replica's errors are every replica's
+        vm, failed = yield from _validated(VM, one, context, path, node, room=room,
+                                           name=each, kind="vm", origin=origin)
+        if vm is None:
+            return failed  # one replica's errors are every replica's
         switch_lines = tuple(_line_of(node, ("interfaces", index, "switch"))
                              for index in range(len(vm.interfaces)))
         made.append(Declared(vm=vm, file=path, line=node.start_mark.line + 1,
