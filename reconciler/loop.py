@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -414,6 +414,9 @@ class Inflight:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
 
+_T = TypeVar("_T")
+
+
 class _Interrupted(Exception):
     """The daemon was woken while this pass waited on its actions."""
 
@@ -460,25 +463,29 @@ class _Applier:
         """Each action as a task of its own; their results. With the daemon's Inflight,
         _Interrupted as soon as it is woken, the tasks going on by themselves."""
         tasks = [self._run(a) for a in actions]
-        if self.inflight is None or not tasks:
-            return list(await asyncio.gather(*tasks))
-        await self._until_done(tasks)
-        return [t.result() for t in tasks]
-
-    async def _until_done(self, tasks: list[asyncio.Task[Result]]) -> None:
-        assert self.inflight is not None
-        woken = asyncio.ensure_future(self.inflight.wake.wait())
+        if not tasks:
+            return []
         try:
-            pending: set[asyncio.Future[Any]] = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending | {woken},
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(woken)
-                if woken in done and pending:
-                    self.inflight.detach(tasks)
-                    raise _Interrupted
+            return await self._unless_woken(asyncio.gather(*tasks))
+        except _Interrupted:
+            assert self.inflight is not None
+            self.inflight.detach(tasks)  # they go on, and report in a later pass
+            raise
+
+    async def _unless_woken(self, work: asyncio.Future[_T]) -> _T:
+        """work's result; with the daemon's Inflight, _Interrupted if the daemon is woken
+        first (work is left running: the caller decides what becomes of it)."""
+        if self.inflight is None:
+            return await work
+        woken: asyncio.Future[Any] = asyncio.ensure_future(self.inflight.wake.wait())
+        either: list[asyncio.Future[Any]] = [work, woken]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
+        if not work.done():
+            raise _Interrupted
+        return work.result()
 
     async def apply(self, actions: Iterable[Action]) -> list[Result]:
         results: list[Result] = []
@@ -537,18 +544,13 @@ class _Applier:
         waiting = [name for name, decl in self.declared.items()
                    if decl.vm.priority > below and decl.vm.ready is not None
                    and name in records and is_alive(records[name])]
-        wait: asyncio.Future[list[tuple[str, bool]]] = asyncio.ensure_future(
-            asyncio.gather(*(wait_ready(self.state, n) for n in waiting)))
-        if self.inflight is not None:
-            woken: asyncio.Future[Any] = asyncio.ensure_future(self.inflight.wake.wait())
-            try:
-                await asyncio.wait([wait, woken], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woken.cancel()
-            if not wait.done():
-                wait.cancel()
-                raise _Interrupted
-        for name, (verdict, _) in zip(waiting, await wait, strict=True):
+        wait = asyncio.gather(*(wait_ready(self.state, n) for n in waiting))
+        try:
+            verdicts = await self._unless_woken(wait)
+        except _Interrupted:
+            wait.cancel()  # the next pass waits again, for what is still starting
+            raise
+        for name, (verdict, _) in zip(waiting, verdicts, strict=True):
             log.info("vm '%s': %s; the next priority group may start", name, verdict)
 
     async def _launch_turn(self) -> float:
