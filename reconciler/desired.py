@@ -258,6 +258,9 @@ class Boot(BaseModel):
         return self
 
 
+QCOW2_MAGIC = b"QFI\xfb"  # a qcow2 image's first bytes
+
+
 class DiskFormat(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"

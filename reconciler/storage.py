@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from reconciler.desired import Disk
+from reconciler.desired import QCOW2_MAGIC, Disk
 
 
 class StorageError(Exception):
@@ -71,9 +71,6 @@ def _run(argv: list[str], disk: Disk) -> subprocess.CompletedProcess[str]:
                            f"{err.timeout:.0f}s") from err
 
 
-_QCOW2_MAGIC = b"QFI\xfb"
-
-
 def backing_of(disk: Disk) -> str | None:
     """The backing file a qcow2 disk's header names, resolved, if it is disk's declared
     base: the only backing the reconciler opens for QEMU (privsep); None otherwise."""
@@ -82,7 +79,7 @@ def backing_of(disk: Disk) -> str | None:
     try:
         with open(disk.path, "rb") as image:
             header = image.read(20)
-            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
                 return None
             offset = int.from_bytes(header[8:16], "big")
             size = int.from_bytes(header[16:20], "big")

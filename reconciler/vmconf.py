@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.desired import QCOW2_MAGIC
+
 GRAMMAR = r"""
 start: item*
 ?item: macro | switch | vm | staggered | local_prefix | include | other_global
@@ -394,6 +396,6 @@ def _probe(path: str) -> str:
     """vmd detects a disk's format; an import makes it explicit (qcow2 by its magic)."""
     try:
         with open(path, "rb") as image:
-            return "qcow2" if image.read(4) == b"QFI\xfb" else "raw"
+            return "qcow2" if image.read(4) == QCOW2_MAGIC else "raw"
     except OSError:
         return "raw"
