@@ -123,6 +123,16 @@ def vm_manifest(name: str, guest: Path, **fields: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def deaf_manifest(name: str, guest: Path, **fields: str) -> str:
+    """A VM whose guest ignores its power button: rdinit=/bin/sh, a bare shell as init,
+    so no acpid listens (its prompt on the console says it is up)."""
+    return vm_manifest(name, guest, **fields).replace(
+        "console=ttyS0 quiet", "console=ttyS0 quiet rdinit=/bin/sh")
+
+
+DEAF_PROMPT = "~ #|/ #"
+
+
 def record(state_dir: Path, name: str) -> dict[str, object]:
     return json.loads((state_dir / "vms" / name / "record.json").read_text())  # type: ignore[no-any-return]
 

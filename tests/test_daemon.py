@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    DEAF_PROMPT,
     Daemon,
     alive,
+    deaf_manifest,
     pid_of,
     record,
     serial,
@@ -157,13 +159,11 @@ def test_on_exit_save_saves_every_vm_and_the_next_daemon_restores_them(
 def test_a_guest_slow_to_power_off_does_not_delay_the_restart_of_another(
     manifests: Path, guest: Path, state_dir: Path, daemon: StartDaemon
 ) -> None:
-    # rdinit=/bin/sh: no acpid, so "deaf" ignores its power button for its 30 s grace
-    deaf = vm_manifest("deaf", guest, stop_timeout="30s").replace(
-        "console=ttyS0 quiet", "console=ttyS0 quiet rdinit=/bin/sh")
+    deaf = deaf_manifest("deaf", guest, stop_timeout="30s")  # ignores it for 30 s
     (manifests / "deaf.yaml").write_text(deaf)
     (manifests / "web.yaml").write_text(vm_manifest("web", guest))
     d = daemon(manifests, *WATCH_ONLY)
-    wait_for_serial(state_dir, "deaf", "~ #|/ #")
+    wait_for_serial(state_dir, "deaf", DEAF_PROMPT)
     wait_for_serial(state_dir, "web")
     deaf_pid, web_pid = pid_of(state_dir, "deaf"), pid_of(state_dir, "web")
     (manifests / "deaf.yaml").write_text(deaf + "state: stopped\n")

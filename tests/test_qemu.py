@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    DEAF_PROMPT,
     REPO,
     Run,
     alive,
+    deaf_manifest,
     netns,
     pid_of,
     serial,
@@ -230,12 +232,10 @@ def test_validate_reports_every_error_without_touching_vms(
 def test_a_guest_that_ignores_the_power_button_is_quit_after_its_grace(
     tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile
 ) -> None:
-    # rdinit=/bin/sh: a bare shell as init, so no acpid listens for the button.
-    text = vm_manifest("deaf", guest, stop_timeout="1s").replace(
-        "console=ttyS0 quiet", "console=ttyS0 quiet rdinit=/bin/sh")
+    text = deaf_manifest("deaf", guest, stop_timeout="1s")
     (tmp_path / "vm.yaml").write_text(text)
     reconcile("--once", tmp_path, check=0)
-    wait_for_serial(state_dir, "deaf", "~ #|/ #")
+    wait_for_serial(state_dir, "deaf", DEAF_PROMPT)
     pid = pid_of(state_dir, "deaf")
     (tmp_path / "vm.yaml").write_text(text + "state: stopped\n")
     run = reconcile("--once", tmp_path, check=0)
