@@ -640,7 +640,9 @@ class _Applier:
         if vm.cpus is not None:
             threads = await kvm.pin_vcpus(self.state.paths(vm.name), parse_cpus(vm.cpus))
             detail = f"; {len(threads)} vCPU thread(s) pinned to CPUs {vm.cpus}"
-        limits = await asyncio.to_thread(cgroups.place, vm.name, vm.resources, pid)
+        limits = None
+        if vm.resources is not None:  # most VMs: no thread hop on every start
+            limits = await asyncio.to_thread(cgroups.place, vm.name, vm.resources, pid)
         if limits is not None:
             self.state.update(vm.name, pid, limits=limits.to_json())
         if limits is not None and limits.state == "pending":
