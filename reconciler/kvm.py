@@ -432,7 +432,7 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         timeout = restore_timeout(restore_from.stat().st_size)
     started_at = await turn() if turn is not None else time.time()
     record = Record(
-        name=vm.name, spec=vm.model_dump(mode="json"), spec_hash=vm.spec_hash(),
+        name=vm.name, spec=vm.spec(), spec_hash=vm.spec_hash(),
         source=source, pid=0, start_time=0, started_at=started_at,
         accel=accel, argv=argv, serial_offset=serial_offset,
         restarts=history.get("restarts", 0), reboots=history.get("reboots", 0),

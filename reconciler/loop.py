@@ -129,7 +129,7 @@ async def reconcile_once(
     alone until they have.
     """
     loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
-                              allow_dirs=allow_dirs)
+                              allow_dirs=allow_dirs, cache_dir=state.cache_dir)
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
@@ -189,7 +189,7 @@ def _diffs(declared: dict[str, Declared], seen: dict[str, ObservedVM],
     found = {}
     for name in sorted(set(declared) | acted):
         old = seen[name].record.spec if name in seen else None
-        new = declared[name].vm.model_dump(mode="json") if name in declared else None
+        new = declared[name].vm.spec() if name in declared else None
         if name in acted or (old is not None and old != new):
             text = spec_diff(name, old, new)
             if text:
@@ -603,7 +603,7 @@ class _Applier:
         seen, decl = self.seen.get(name), self.declared.get(name)
         if seen is None or decl is None or seen.status is Status.EXITED:
             return
-        spec, source = decl.vm.model_dump(mode="json"), str(decl.file.absolute())
+        spec, source = decl.vm.spec(), str(decl.file.absolute())
         fresh = seen.record.spec == spec and seen.record.source == source
         if not fresh and seen.record.spec_hash == decl.vm.spec_hash():
             live = seen.status in (Status.RUNNING, Status.PAUSED)

@@ -201,6 +201,7 @@ class StateDir:
         self.root = root.resolve()
         self.vms_dir = self.root / "vms"
         self.switches_dir = self.root / "switches"  # local switches: dnsmasq, leases
+        self.cache_dir = self.root / "cache"  # validated manifests (valcache)
         if len(str(self.paths("x").serial)) > MAX_SOCKET_PATH:
             raise StateDirError(
                 f"state dir {self.root} is too long for the unix sockets of its VMs; "

@@ -1,0 +1,165 @@
+"""The validation cache: a hit is exactly what validating again would give, and
+anything validation reads that changes (a manifest, a kernel file going away, a
+user-data file's text, a symlink, this package) is a miss, never a stale answer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler import desired, valcache
+
+MANIFEST = """\
+name: web-1
+memory: 128M
+boot: {kernel: vmlinuz}
+disks: [{path: disks/web.img, size: 8M}]
+cloud_init: {user_data_file: user-data}
+"""
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "manifests"
+    (root / "disks").mkdir(parents=True)
+    (root / "vmlinuz").write_bytes(b"kernel")
+    (root / "user-data").write_text("#cloud-config\nhostname: one\n")
+    (root / "vms.yaml").write_text(MANIFEST)
+    return root
+
+
+class Counted:
+    """desired._load, counting its calls: a hit does not call it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = desired._load
+
+        def counted(*args: object, **kwargs: object) -> desired.Manifests:
+            self.calls += 1
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(desired, "_load", counted)
+
+
+def load(root: Path, cache: Path) -> desired.Manifests:
+    if not cache.parent.exists():
+        cache.parent.mkdir()  # the state dir
+    return desired.load(root, state_dir=cache.parent, cache_dir=cache)
+
+
+def test_a_hit_is_what_validating_gives_and_skips_validation(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "state" / "cache"
+    counted = Counted(monkeypatch)
+    first = load(tree, cache)
+    second = load(tree, cache)
+    assert counted.calls == 1
+    assert first.errors == second.errors == []
+    one, two = first.vms["web-1"], second.vms["web-1"]
+    assert (one.file, one.line) == (two.file, two.line)
+    assert one.vm == two.vm and one.vm.spec() == two.vm.spec()
+    assert one.vm.spec_hash() == two.vm.spec_hash()
+    assert two.vm.cloud_init is not None
+    assert two.vm.cloud_init.texts() == {"user_data": "#cloud-config\nhostname: one\n"}
+    assert two.vm.disks[0].real_path == one.vm.disks[0].real_path
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+    assert [oct(p.stat().st_mode & 0o777) for p in cache.iterdir()] == ["0o600"]
+
+
+@pytest.mark.parametrize("change", [
+    "manifest", "kernel gone", "kernel a directory", "user-data text", "disk dir gone",
+    "disk dir a symlink elsewhere", "package", "manifest added", "allow-dir"])
+def test_whatever_validation_read_changes_is_a_miss(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    cache = tmp_path / "state" / "cache"
+    counted = Counted(monkeypatch)
+    allow: list[Path] = []
+    load(tree, cache)
+    if change == "manifest":
+        (tree / "vms.yaml").write_text(MANIFEST.replace("128M", "129M"))
+    elif change == "kernel gone":
+        (tree / "vmlinuz").unlink()
+    elif change == "kernel a directory":
+        (tree / "vmlinuz").unlink()
+        (tree / "vmlinuz").mkdir()
+    elif change == "user-data text":  # same size, same second: the content counts
+        stamp = (tree / "user-data").stat()
+        (tree / "user-data").write_text("#cloud-config\nhostname: two\n")
+        os.utime(tree / "user-data", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    elif change == "disk dir gone":
+        (tree / "disks").rmdir()
+    elif change == "disk dir a symlink elsewhere":
+        (tree / "disks").rmdir()
+        (tmp_path / "elsewhere").mkdir()
+        (tree / "disks").symlink_to(tmp_path / "elsewhere")
+    elif change == "package":
+        real = valcache.package_stamp
+        monkeypatch.setattr(valcache, "package_stamp",
+                            lambda: [*real(), ("new.py", 1, 1)])
+    elif change == "manifest added":
+        (tree / "more.yaml").write_text("name: web-2\nboot: {kernel: vmlinuz}\n")
+    elif change == "allow-dir":
+        allow = [tmp_path / "elsewhere"]
+        allow[0].mkdir()
+    again = desired.load(tree, state_dir=cache.parent, cache_dir=cache, allow_dirs=allow)
+    fresh = desired.load(tree, state_dir=cache.parent, allow_dirs=allow)
+    assert counted.calls == 3, "the change was not noticed: the cache answered"
+    assert [str(e) for e in again.errors] == [str(e) for e in fresh.errors]
+    assert {n: d.vm.spec() for n, d in again.vms.items()} == \
+        {n: d.vm.spec() for n, d in fresh.vms.items()}
+    if change in ("kernel gone", "kernel a directory", "disk dir gone", "allow-dir"):
+        assert again.errors and not again.vms  # the error shows, as without a cache
+
+
+def test_an_entry_that_is_corrupt_or_writable_by_others_is_ignored(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "state" / "cache"
+    counted = Counted(monkeypatch)
+    load(tree, cache)
+    (entry,) = cache.iterdir()
+    entry.chmod(0o622)
+    assert load(tree, cache).vms and counted.calls == 2
+    entry.write_bytes(entry.read_bytes()[:50])  # truncated
+    assert load(tree, cache).vms and counted.calls == 3
+    entry.write_bytes(b"not a pickle at all")
+    assert load(tree, cache).vms and counted.calls == 4
+    assert load(tree, cache).vms and counted.calls == 4  # rewritten, and a hit again
+
+
+def test_an_unwritable_cache_dir_only_means_no_cache(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state dir's cache would go")
+    counted = Counted(monkeypatch)
+    assert load(tree, blocked / "cache").vms
+    assert load(tree, blocked / "cache").vms
+    assert counted.calls == 2
+
+
+def test_a_noop_once_from_the_cache_builds_no_validator(tree: Path, tmp_path: Path) -> None:
+    """What makes the cached no-op fast, checked without timing it: pydantic never
+    builds a model's validator or serializer (defer_build; the spec is kept)."""
+    state = tmp_path / "state"
+    (tree / "vms.yaml").write_text(MANIFEST.replace("name: web-1", "name: web-1\nstate: stopped"))
+    script = (
+        "import sys\n"
+        "from reconciler.cli import main\n"
+        "from reconciler import desired\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('built:', sorted(c.__name__ for c in (desired.VM, desired.Boot, desired.Disk,"
+        " desired.CloudInit) if c.__pydantic_complete__))\n")
+    argv = [sys.executable, "-c", script, "--once", str(tree), "--state-dir", str(state)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert "recap: 1 ok" in first.stdout, first.stdout + first.stderr
+    assert "'VM'" in first.stdout.rpartition("built:")[2]  # validating builds it
+    assert "recap: 1 ok" in second.stdout, second.stdout + second.stderr
+    assert "built: []" in second.stdout
