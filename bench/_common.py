@@ -14,8 +14,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -373,9 +375,78 @@ def fd_kind(target: str) -> str:
     return target
 
 
-def run(cmd: Sequence[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def run(cmd: Sequence[str], *, timeout: float = 120.0, env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, env=env)
+
+
+# `reconcile ...` output's last line: "recap: 2 ok, 0 changed, 0 pending, 0 failed".
+RECAP = re.compile(r"^recap: (\d+) ok, (\d+) changed, (\d+) pending, (\d+) failed", re.M)
+
+
+def recap(out: subprocess.CompletedProcess[str]) -> tuple[int, int, int, int]:
+    """(ok, changed, pending, failed) from a `reconcile --once` run's recap line."""
+    match = RECAP.search(out.stdout)
+    if not match:
+        raise BenchError(f"no recap line in reconcile output:\n{out.stdout}{out.stderr}")
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+# --- another revision's source tree -------------------------------------------
+#
+# A before/after comparison runs an older commit's `reconciler` package (a `git
+# archive` of it in a temp dir) with this interpreter's dependencies, next to this
+# checkout's.
+
+def rev_before_adding(path: str) -> str:
+    """The parent of the commit that added path (e.g. 'reconciler/privsep.py')."""
+    added = subprocess.run(
+        ["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--", path],
+        capture_output=True, text=True, check=True).stdout.split()
+    if not added:
+        raise BenchError(f"no commit adds {path}; give --before REV")
+    return f"{added[-1]}~1"
+
+
+def short_rev(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def export(rev: str, into: Path) -> Path:
+    """The reconciler package of rev, under into/."""
+    blob = subprocess.run(["git", "-C", str(REPO), "archive", rev, "reconciler"],
+                          capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def command(tree: Path) -> list[str]:
+    """`reconcile` from tree, with this interpreter's dependencies."""
+    return [sys.executable, "-c",
+            f"import sys; sys.path.insert(0, {str(tree)!r}); "
+            "from reconciler.cli import main; main()"]
+
+
+def bytecode_env() -> dict[str, str]:
+    """This environment without PYTHONDONTWRITEBYTECODE (nor a PYTHONPYCACHEPREFIX):
+    children load and keep .pyc files next to the sources, as an installed package
+    does, instead of compiling every module they import on every start."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    return env
+
+
+def precompile(tree: Path) -> None:
+    """`python -m compileall -q TREE/reconciler` (with bytecode_env())."""
+    done = run([sys.executable, "-m", "compileall", "-q", str(tree / "reconciler")],
+               env=bytecode_env())
+    if done.returncode != 0:
+        raise BenchError(f"compileall {tree / 'reconciler'} exited {done.returncode}:\n"
+                         f"{done.stdout}{done.stderr}")
 
 
 # --- network namespaces -----------------------------------------------------

@@ -28,10 +28,8 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +40,16 @@ from _common import (
     REPO,
     BenchError,
     LogWatcher,
+    command,
+    export,
     finish,
     kill_qemu,
     median,
     ms,
     proc_status,
+    rev_before_adding,
     run_main,
+    short_rev,
     stage_guest,
     table,
     vm_manifest,
@@ -59,28 +61,7 @@ VM_NAME = "bench-priv"
 
 def before_rev() -> str:
     """The parent of the commit that added reconciler/privsep.py."""
-    added = subprocess.run(
-        ["git", "-C", str(REPO), "log", "--diff-filter=A", "--format=%H", "--",
-         "reconciler/privsep.py"], capture_output=True, text=True, check=True).stdout.split()
-    if not added:
-        raise BenchError("no commit adds reconciler/privsep.py; give --before REV")
-    return f"{added[-1]}~1"
-
-
-def export(rev: str, into: Path) -> Path:
-    """The reconciler package of rev, under into/."""
-    blob = subprocess.run(["git", "-C", str(REPO), "archive", rev, "reconciler"],
-                          capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=BytesIO(blob)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
-def command(tree: Path) -> list[str]:
-    """`reconcile` from tree, with this interpreter's dependencies."""
-    return [sys.executable, "-c",
-            f"import sys; sys.path.insert(0, {str(tree)!r}); "
-            "from reconciler.cli import main; main()"]
+    return rev_before_adding("reconciler/privsep.py")
 
 
 class Arm:
@@ -155,8 +136,7 @@ def main() -> int:
         (manifests / "vm.yaml").write_text(vm_manifest(VM_NAME, guest, memory=args.memory))
         arms = [Arm("before", export(rev, root / "before"), root, manifests),
                 Arm("after", REPO, root, manifests)]
-        short = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
-                               capture_output=True, text=True).stdout.strip()
+        short = short_rev(rev)
         print(f"before: {rev} ({short}); after: this checkout ({REPO})")
         print(f"{args.runs} rounds, guest memory {args.memory}, order alternating")
         got: dict[str, dict[str, list[float]]] = {

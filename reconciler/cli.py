@@ -22,7 +22,8 @@ from typing import Any, NoReturn
 from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
-SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh", "import")
+SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh", "import",
+               "push")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +82,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                              "(default 1M)")
 
 
+def _urls(text: str) -> list[str]:
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError("expected URL[,URL...] (e.g. http://10.0.0.1:2379)")
+    return urls
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (got {text!r})")
+    return key, value
+
+
+def _cluster(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--etcd", type=_urls, default=None, metavar="URL[,URL...]",
+                        help="the cluster's etcd (its client URLs)")
+    parser.add_argument("--prefix", default="/reconciler",
+                        help="the cluster's keys in etcd (default /reconciler)")
+
+
 def _globals_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="reconcile", add_help=False, allow_abbrev=False)
     _common(parser)
@@ -94,7 +116,8 @@ def _main_parser() -> argparse.ArgumentParser:
         epilog="other commands: reconcile {status,list,validate,schema,down,console,ssh,"
                "import} --help",
     )
-    parser.add_argument("path", help="a manifest file or directory")
+    parser.add_argument("path", nargs="?", help="a manifest file or directory (none with "
+                                                "--etcd: the cluster's are in etcd)")
     parser.add_argument("--once", action="store_true",
                         help="reconcile once and exit (default: keep converging as a daemon)")
     parser.add_argument("--check", action="store_true",
@@ -124,6 +147,22 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stagger", type=_seconds, default=None, metavar="SECONDS",
                         help="launch QEMUs at least this far apart (default: the "
                              "directory's kind: Settings, else 0)")
+    _cluster(parser)
+    parser.add_argument("--host", metavar="NAME", help="with --etcd: this member's name")
+    parser.add_argument("--label", type=_label, action="append", default=[],
+                        metavar="KEY=VALUE", help="with --etcd: a label of this host "
+                                                  "(placement.labels; repeatable)")
+    parser.add_argument("--lease-ttl", type=_positive_int, default=10, metavar="SECONDS",
+                        help="with --etcd: this host's lease (default 10)")
+    parser.add_argument("--reserve", type=_byte_size, default=0, metavar="SIZE",
+                        help="with --etcd: memory kept for the host itself, not offered")
+    parser.add_argument("--fence-grace", type=_seconds, default=5.0, metavar="SECONDS",
+                        help="with --etcd: after a host's lease ends, wait this long "
+                             "before its failover VMs start elsewhere (default 5)")
+    parser.add_argument("--vcpus", type=_positive_int, default=None, metavar="N",
+                        help="with --etcd: vCPUs this host offers (default: its CPUs)")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="with --etcd: this host's address for migrations")
     _common(parser)
     return parser
 
@@ -137,6 +176,18 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
     elif command == "status":
         parser.description = "One row per VM, like vmctl status."
         parser.add_argument("--json", action="store_true")
+        _cluster(parser)
+    elif command == "push":
+        parser.description = ("Validate DIR as --once does and, only if every manifest is "
+                              "valid, write its VMs to the cluster in one transaction.")
+        parser.add_argument("path", type=Path)
+        _cluster(parser)
+        parser.add_argument("--check", action="store_true",
+                            help="print what would change, write nothing (exit 2 if "
+                                 "anything would)")
+        parser.add_argument("--shared-dir", type=Path, action="append", default=[],
+                            metavar="DIR", help="storage every host reaches: failover "
+                                                "VMs' disks must be there (repeatable)")
     elif command == "list":
         parser.description = ("Every VM on this host: QEMU processes (ours and others') "
                               "and KVM VMs of any hypervisor (debugfs).")
@@ -220,7 +271,7 @@ def _dispatch(argv: list[str]) -> int:
         _logging(args.verbose, debug=args.debug)
         handler = {"status": _status, "list": _list, "validate": _validate,
                    "schema": _schema, "down": _down, "console": _console, "ssh": _ssh,
-                   "import": _import}
+                   "import": _import, "push": _push}
         return handler[command](args)
     if tail:
         rest = [*rest, "--", *tail]
@@ -230,7 +281,22 @@ def _dispatch(argv: list[str]) -> int:
     if args.path in SUBCOMMANDS:  # `reconcile --once status`: say what is meant
         parser.error(f"'{args.path}' is a command, not a manifest path; "
                      f"for a directory of that name write ./{args.path}")
-    args.path = Path(args.path)
+    if args.etcd:
+        if args.path is not None:
+            parser.error("with --etcd the VMs come from etcd: give no PATH "
+                         "(write them there with `reconcile push DIR --etcd URL`)")
+        if args.once or args.check:
+            parser.error("--etcd runs as a daemon: a cluster member (no --once/--check)")
+        if not args.host:
+            parser.error("--etcd needs --host NAME: this member's name in the cluster")
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", args.host):
+            parser.error(f"--host {args.host!r}: letters, digits and '-' (a host name)")
+    elif args.path is None:
+        parser.error("the following arguments are required: path")
+    else:
+        args.path = Path(args.path)
     if args.once or args.check:  # a check is always a single pass
         _logging(args.verbose, debug=args.debug)
         return _once(args)
@@ -344,10 +410,86 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> Any:
+    from reconciler.cluster import Store
+
+    return Store(args.etcd, args.prefix)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from reconciler import cluster, desired
+
+    if not args.etcd:
+        print("reconcile push: --etcd URL is required", file=sys.stderr)
+        return EX_USAGE
+    loaded = desired.load(args.path, state_dir=_state(args).root, max_bytes=_max_bytes(args),
+                          allow_dirs=_allowed(args, say=False))
+    errors = cluster.push_errors(loaded, args.shared_dir)
+    if not loaded.files and not loaded.errors:
+        errors.append(f"{args.path}: no *.yaml or *.yml manifests found")
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        print(f"push: nothing written ({len(errors)} error{'s' * (len(errors) != 1)})",
+              file=sys.stderr)
+        return 1
+    try:
+        store = _store(args)
+        plan = cluster.plan_push(store, loaded)
+        for word, names in (("add", plan.added), ("change", plan.changed),
+                            ("remove", plan.removed)):
+            for name in names:
+                print(f"{name:<20} {word}")
+        if plan.empty:
+            print(f"push: no changes ({len(plan.values)} VMs in etcd already as declared)")
+            return 0
+        if args.check:
+            print(f"push --check: {len(plan.added)} to add, {len(plan.changed)} to change, "
+                  f"{len(plan.removed)} to remove; nothing written")
+            return 2
+        if not cluster.push(store, plan, commit=cluster.git_commit(args.path)):
+            print("push: another push came first; nothing written (run it again)",
+                  file=sys.stderr)
+            return 1
+    except cluster.ClusterError as err:
+        print(f"push: {err}; nothing written", file=sys.stderr)
+        return 1
+    print(f"push: {len(plan.added)} added, {len(plan.changed)} changed, "
+          f"{len(plan.removed)} removed")
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    from reconciler import cluster
+
+    try:
+        view = cluster.View.read(_store(args))
+    except cluster.ClusterError as err:
+        print(f"status: {err}", file=sys.stderr)
+        return 1
+    hosts, vms = cluster.cluster_rows(view)
+    if args.json:
+        print(json.dumps({"hosts": hosts, "vms": vms}, indent=2))
+        return 0
+    _print_table(["HOST", "LEASE", "MEMORY", "VCPUS", "LABELS", ""], [
+        [h["host"], h["lease"] if h["lost_for"] is None else f"lost {h['lost_for']:.0f}s",
+         f"{h['memory_used']}/{h['memory'] if h['memory'] is not None else '-'}M",
+         f"{h['vcpus_used']}/{h['vcpus'] if h['vcpus'] is not None else '-'}",
+         ",".join(f"{k}={v}" for k, v in sorted(h["labels"].items())) or "-",
+         "scheduler" if h["scheduler"] else ""] for h in hosts])
+    print()
+    _print_table(["NAME", "HOST", "STATE", "DETAIL"], [
+        [v["name"], v["host"] or "-", v["state"], v["detail"]] for v in vms])
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     import time
 
     from reconciler import inventory
+
+    if args.etcd:
+        return _cluster_status(args)
     from reconciler.loop import look
     from reconciler.observed import Status
     from reconciler.plan import describe
@@ -575,25 +717,47 @@ def _watch(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.observe(report, seconds)
 
+    member = None
+    if args.etcd:
+        from reconciler.cluster import Member
+
+        member = Member(_store(args), args.host, state, labels=dict(args.label),
+                        ttl=args.lease_ttl, reserve=args.reserve // 2**20,
+                        fence_grace=args.fence_grace, address=args.address,
+                        vcpus=args.vcpus)
+        args.path = member.manifests
+
     async def run() -> None:
+        if member is not None:
+            member.manifests.mkdir(parents=True, exist_ok=True, mode=0o700)
         watch = Watch(args.path, state, resync=args.resync, parallel=args.parallel,
                       stagger=args.stagger,
                       on_report=on_report, max_bytes=_max_bytes(args),
-                      allow_dirs=_allowed(args))
+                      allow_dirs=_allowed(args), empty_ok=member is not None)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, watch.stop)
         loop.add_signal_handler(signal.SIGHUP, watch.poke, "SIGHUP")
-        log.info("watching %s (state dir %s, pid %d)", args.path, state.root, os.getpid())
-        await watch.run()
+        if member is not None:
+            from reconciler.memberd import run_member
+
+            log.info("cluster member %s (etcd %s, state dir %s, pid %d)", member.host,
+                     ",".join(member.store.urls), state.root, os.getpid())
+            await run_member(member, watch)
+        else:
+            log.info("watching %s (state dir %s, pid %d)", args.path, state.root,
+                     os.getpid())
+            await watch.run()
         on_exit = args.on_exit or ("stop" if args.stop_vms_on_exit else "keep")
         if on_exit == "keep":
             log.info("stopped after %d passes; VMs left running", watch.passes)
-            return
-        for name, outcome in await down(state, save=on_exit == "save"):
-            log.info("vm '%s': %s", name, outcome)
-        log.info("stopped after %d passes; VMs %s", watch.passes,
-                 "saved" if on_exit == "save" else "terminated")
+        else:
+            for name, outcome in await down(state, save=on_exit == "save"):
+                log.info("vm '%s': %s", name, outcome)
+            log.info("stopped after %d passes; VMs %s", watch.passes,
+                     "saved" if on_exit == "save" else "terminated")
+        if member is not None:
+            await asyncio.to_thread(member.leave, vms_kept=on_exit == "keep")
 
     with state.locked():
         if metrics is not None:

@@ -37,10 +37,12 @@ class Watch:
                  parallel: int | None = None,
                  on_report: Callable[[Report, float], None] | None = None,
                  max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
-                 allow_dirs: Sequence[Path] = (), stagger: float | None = None) -> None:
+                 allow_dirs: Sequence[Path] = (), stagger: float | None = None,
+                 empty_ok: bool = False) -> None:
         self.manifests, self.state = manifests, state
         self.stagger = stagger
         self.allow_dirs = tuple(allow_dirs)
+        self.empty_ok = empty_ok  # a cluster member's directory: empty is no VMs
         self.resync, self.parallel, self.max_bytes = resync, parallel, max_bytes
         self.on_report = on_report or (lambda report, seconds: None)
         self.wake = asyncio.Event()
@@ -92,7 +94,8 @@ class Watch:
         try:
             report = await reconcile_once(self.manifests, self.state, parallel=self.parallel,
                                           max_bytes=self.max_bytes, stagger=self.stagger,
-                                          allow_dirs=self.allow_dirs, inflight=self.inflight)
+                                          allow_dirs=self.allow_dirs, inflight=self.inflight,
+                                          empty_ok=self.empty_ok)
         except Exception as err:  # one bad pass must not end the daemon
             log.error("pass failed: %s: %s", type(err).__name__, err)
             log.debug("pass failed", exc_info=True)

@@ -656,6 +656,16 @@ class Resources(BaseModel):
         return value
 
 
+class Placement(BaseModel):
+    """Where a VM may run when hosts share one desired state (`reconcile --etcd`)."""
+
+    model_config = _CONFIG
+
+    host: str | None = Field(None, pattern=HOSTNAME_PATTERN)  # only this host
+    labels: dict[str, str] = Field(default_factory=dict)  # hosts with these labels
+    spread: str | None = Field(None, pattern=NAME_PATTERN)  # apart from its group
+
+
 class VM(BaseModel):
     """One `kind: VM` document."""
 
@@ -683,6 +693,10 @@ class VM(BaseModel):
     owner: str | None = Field(None, pattern=OWNER_PATTERN)
     resources: Resources | None = None  # cgroup v2 limits, changed live
     priority: int = Field(0, ge=-1000, le=1000)  # higher starts first; stops run reversed
+    # Many hosts (--etcd): where it may run, and whether it is restarted on another
+    # host when its own is lost (its disks must then be on shared storage).
+    placement: Placement | None = None
+    failover: bool = False
     _spec: dict[str, Any] | None = PrivateAttr(None)  # spec(), once computed
     _hash: str = PrivateAttr("")  # spec_hash(), once computed
 
@@ -690,7 +704,7 @@ class VM(BaseModel):
     # hardware, and a change to it changes the spec hash.
     LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"kind", "state", "restart", "on_change", "stop_timeout", "ready", "labels", "cpus",
-         "resources", "priority"}
+         "resources", "priority", "placement", "failover"}
     )
 
     @field_validator("cpus")

@@ -118,7 +118,7 @@ async def reconcile_once(
     parallel: int | None = None, wait: bool = False,
     max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
     allow_dirs: Sequence[Path] = (), diff: bool = False, stagger: float | None = None,
-    inflight: Inflight | None = None,
+    inflight: Inflight | None = None, empty_ok: bool = False,
 ) -> Report:
     """Load, observe, plan and (unless check) apply, once; `wait`: until ready;
     `diff`: with each changed VM's spec diff (recorded -> declared). `parallel` and
@@ -126,12 +126,13 @@ async def reconcile_once(
     the directory's `kind: Settings`. `inflight` (the daemon's): each VM's action runs
     as a task of its own; the pass returns when its wake-up event is set, leaving the
     actions still running to finish by themselves, and the next pass leaves those VMs
-    alone until they have.
+    alone until they have. `empty_ok`: the directory is written by the reconciler
+    itself (a cluster member's), so no manifests means no VMs, and they are pruned.
     """
     loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
                               allow_dirs=allow_dirs, cache_dir=state.cache_dir)
     report = Report(errors=[str(e) for e in loaded.errors])
-    if not loaded.files and not loaded.errors:
+    if not loaded.files and not loaded.errors and not empty_ok:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
                              "nothing is pruned (`reconcile down` stops every VM)")
     now = time.time()

@@ -1,0 +1,741 @@
+"""Many hosts on etcd: one desired state, hosts under leases, one scheduler at a time.
+
+Keys, under the prefix (`/reconciler` by default):
+
+  vms/<vm>            a pushed VM: its document (paths absolute) and where it was written
+  push                the last push: commit, time, how many VMs
+  hosts/<host>        a member: capacity and labels; under the member's lease
+  scheduler           the member that places VMs; under its lease (the election)
+  placement/<vm>      the host a VM runs on, written by the scheduler in a transaction
+  unschedulable/<vm>  why no host takes it
+  lost/<host>         when the scheduler saw that host's lease end
+  status/<host>       what the member reports of its VMs; under its lease
+  armed/<host>        the failover VMs that host's watchdog would kill (not under a lease)
+
+A member writes the VMs placed on it as manifest files into its state dir and runs the
+ordinary daemon on them: one loop, one planner, whether the VMs come from a directory
+or from etcd. Our promise: a VM never runs on two hosts. A member that cannot renew its
+lease kills its failover VMs before the lease can run out (`Fence`, and the watchdog
+process of `reconciler.fence`); the scheduler moves a VM only once the lease has ended
+and --fence-grace has passed, only if that host had said it would fence this VM
+(`armed/<host>`: a VM made failover while its host was unreachable is not moved), and
+only in a transaction that checks the old host is still absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from reconciler import desired as desired_mod
+from reconciler import fence
+from reconciler.desired import VM, Manifests
+from reconciler.observed import StateDir
+from reconciler.placement import Host, Want, place
+
+log = logging.getLogger("reconciler")
+
+DEFAULT_PREFIX = "/reconciler"
+
+
+class ClusterError(Exception):
+    """etcd cannot be reached or refused what was asked; the message says which."""
+
+
+# --- the store -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: dict[str, Any]
+    mod_revision: int
+    lease: int = 0
+
+
+class Store:
+    """etcd through its /v3 HTTP gateway (etcd3gw), JSON values under one prefix.
+
+    Several URLs: the next one is tried when one cannot be reached."""
+
+    def __init__(self, urls: Sequence[str], prefix: str = DEFAULT_PREFIX, *,
+                 timeout: float = 5.0) -> None:
+        import etcd3gw
+
+        if not urls:
+            raise ClusterError("--etcd needs at least one URL")
+        self.urls = list(urls)
+        self.prefix = "/" + prefix.strip("/")
+        self.timeout = timeout
+        self._clients = []
+        for url in self.urls:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ClusterError(f"--etcd {url}: not an http(s)://HOST:PORT URL")
+            self._clients.append(etcd3gw.Etcd3Client(
+                host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+                timeout=timeout, api_path="/v3/"))
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    def _call(self, what: Callable[[Any], Any]) -> Any:
+        from etcd3gw import exceptions
+
+        errors = []
+        for step in range(len(self._clients)):
+            index = (self._current + step) % len(self._clients)
+            try:
+                found = what(self._clients[index])
+            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as err:
+                errors.append(f"{self.urls[index]}: {_short(err)}")
+                continue
+            except exceptions.Etcd3Exception as err:
+                raise ClusterError(f"etcd at {self.urls[index]}: {_short(err)}") from err
+            self._current = index
+            return found
+        raise ClusterError("cannot reach etcd: " + "; ".join(errors))
+
+    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+        found = self._call(lambda c: c.transaction(
+            {"compare": compare, "success": success, "failure": []}))
+        return bool(found.get("succeeded"))
+
+    def range(self, part: str) -> tuple[dict[str, Entry], int]:
+        """Every key under prefix/part (names relative to it), and the store's revision."""
+        base = self.key(part)
+        start = base.encode()
+        end = _next(start)
+        found = self._call(lambda c: c.post(c.get_url("/kv/range"), json={
+            "key": _b64(start), "range_end": _b64(end)}))
+        entries = {}
+        for kv in found.get("kvs", []):
+            name = _unb64(kv["key"]).decode()[len(base):]
+            try:
+                value = json.loads(_unb64(kv.get("value", "")))
+            except ValueError:
+                continue  # not ours: ignored, never trusted
+            if isinstance(value, dict):
+                entries[name] = Entry(value, int(kv.get("mod_revision", 0)),
+                                      int(kv.get("lease", 0)))
+        return entries, int(found.get("header", {}).get("revision", 0))
+
+    def get(self, *parts: str) -> Entry | None:
+        key = self.key(*parts)
+        return self.range_exact(key)
+
+    def range_exact(self, key: str) -> Entry | None:
+        found = self._call(lambda c: c.post(c.get_url("/kv/range"), json={
+            "key": _b64(key.encode())}))
+        for kv in found.get("kvs", []):
+            try:
+                value = json.loads(_unb64(kv.get("value", "")))
+            except ValueError:
+                return None
+            return Entry(value, int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))) \
+                if isinstance(value, dict) else None
+        return None
+
+    def grant(self, ttl: int) -> int:
+        found = self._call(lambda c: c.post(c.get_url("/lease/grant"), json={"TTL": ttl}))
+        return int(found["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """The lease's TTL after renewing it; 0 or less: it has ended."""
+        found = self._call(lambda c: c.post(c.get_url("/lease/keepalive"),
+                                            json={"ID": lease}))
+        return int(found.get("result", {}).get("TTL", -1))
+
+    def revoke(self, lease: int) -> None:
+        self._call(lambda c: c.post(c.get_url("/kv/lease/revoke"), json={"ID": lease}))
+
+    def watch(self, on_event: Callable[[], None], stop: threading.Event) -> None:
+        """Call on_event for each change under the prefix until stop (a thread's body).
+        A broken stream is opened again; on_event also runs then (a change may have
+        been missed)."""
+        start, end = self.prefix.encode() + b"/", _next(self.prefix.encode() + b"/")
+        while not stop.is_set():
+            client = self._clients[self._current]
+            try:
+                response = client.session.post(
+                    client.get_url("/watch"), stream=True, timeout=(self.timeout, None),
+                    json={"create_request": {"key": _b64(start), "range_end": _b64(end)}})
+                with response:
+                    for chunk in response.iter_content(chunk_size=None):
+                        if stop.is_set():
+                            return
+                        if b'"events"' in chunk:
+                            on_event()
+            except Exception as err:  # requests' many errors: the stream is gone
+                log.debug("etcd watch: %s", err)
+            if not stop.is_set():
+                on_event()
+                self._current = (self._current + 1) % len(self._clients)
+                stop.wait(1.0)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+def _next(key: bytes) -> bytes:
+    """The end of the range of every key starting with key."""
+    return key[:-1] + bytes([key[-1] + 1])
+
+
+def _short(err: Exception) -> str:
+    text = " ".join(str(a) for a in err.args if a) or type(err).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def _encoded(value: dict[str, Any]) -> str:
+    return _b64(json.dumps(value, sort_keys=True).encode())
+
+
+def put(key: str, value: dict[str, Any], *, lease: int = 0) -> dict[str, Any]:
+    request: dict[str, Any] = {"key": _b64(key.encode()), "value": _encoded(value)}
+    if lease:
+        request["lease"] = lease
+    return {"request_put": request}
+
+
+def delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key.encode())}}
+
+
+def unchanged(key: str, mod_revision: int) -> dict[str, Any]:
+    """A compare: key's last change is still mod_revision (0: it does not exist)."""
+    return {"key": _b64(key.encode()), "target": "MOD", "result": "EQUAL",
+            "mod_revision": mod_revision}
+
+
+def exists(key: str) -> dict[str, Any]:
+    return {"key": _b64(key.encode()), "target": "VERSION", "result": "GREATER",
+            "version": 0}
+
+
+def absent(key: str) -> dict[str, Any]:
+    return {"key": _b64(key.encode()), "target": "VERSION", "result": "EQUAL",
+            "version": 0}
+
+
+# --- push ------------------------------------------------------------------
+
+
+def document(vm: VM) -> dict[str, Any]:
+    """A VM as pushed: the fields its manifest set (templates and replicas expanded,
+    paths made absolute), without what validation computed."""
+    return vm.model_dump(mode="json", exclude_unset=True)
+
+
+def git_commit(path: Path) -> str | None:
+    where = path if path.is_dir() else path.parent
+    try:
+        found = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
+def push_errors(loaded: Manifests, shared_dirs: Sequence[Path]) -> list[str]:
+    """What --once would accept but a cluster cannot run."""
+    errors = [str(e) for e in loaded.errors]
+    for name, switch in sorted(loaded.switches.items()):
+        errors.append(f"{switch.file}:{switch.line}: switch '{name}': switches are per host; "
+                      "with --etcd use interfaces on host bridges")
+    shared = [os.path.realpath(d) for d in shared_dirs]
+    for name, decl in sorted(loaded.vms.items()):
+        vm = decl.vm
+        if not vm.failover:
+            continue
+        paths = [d.path for d in vm.disks] + ([vm.cdrom] if vm.cdrom else [])
+        for path in paths:
+            real = os.path.realpath(path)
+            if not any(real == top or real.startswith(top.rstrip("/") + "/") for top in shared):
+                where = ", ".join(str(d) for d in shared_dirs) or "none given"
+                errors.append(f"{decl.file}:{decl.line}: vm '{name}': failover: true needs "
+                              f"its disks on storage every host reaches (--shared-dir: "
+                              f"{where}); {path} is not")
+    return errors
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    values: dict[str, dict[str, Any]]
+    revision: int  # of the `push` key as read (0: none yet)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+
+def plan_push(store: Store, loaded: Manifests) -> PushPlan:
+    values = {name: {"spec": document(d.vm), "source": f"{d.file}:{d.line}"}
+              for name, d in loaded.vms.items()}
+    current, _ = store.range("vms/")
+    meta = store.get("push")
+    return PushPlan(
+        added=sorted(set(values) - set(current)),
+        changed=sorted(n for n in set(values) & set(current) if current[n].value != values[n]),
+        removed=sorted(set(current) - set(values)),
+        values=values, revision=meta.mod_revision if meta else 0)
+
+
+def push(store: Store, plan: PushPlan, *, commit: str | None) -> bool:
+    """Write the plan in one transaction; False if another push came first."""
+    ops = [put(store.key("vms", n), plan.values[n]) for n in plan.added + plan.changed]
+    ops += [delete(store.key("vms", n)) for n in plan.removed]
+    ops.append(put(store.key("push"), {"commit": commit, "at": time.time(),
+                                       "vms": len(plan.values)}))
+    return store.txn([unchanged(store.key("push"), plan.revision)], ops)
+
+
+# --- members ----------------------------------------------------------------
+
+
+def capacity(reserve_mib: int = 0) -> tuple[int, int]:
+    """This host's memory (MiB, from /proc/meminfo) less reserve, and its CPUs."""
+    memory = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) // 1024
+    return max(memory - reserve_mib, 0), os.cpu_count() or 1
+
+
+def want_of(name: str, spec: dict[str, Any]) -> Want:
+    placement = spec.get("placement") or {}
+    memory = spec.get("memory", 256)
+    return Want(name=name, memory=memory if isinstance(memory, int)
+                else desired_mod.parse_mebibytes(memory),
+                vcpus=int(spec.get("vcpus", 1)), host=placement.get("host"),
+                labels=dict(placement.get("labels") or {}), spread=placement.get("spread"),
+                priority=int(spec.get("priority", 0)))
+
+
+@dataclass
+class View:
+    """One read of the whole cluster."""
+
+    vms: dict[str, Entry]
+    hosts: dict[str, Entry]
+    placement: dict[str, Entry]
+    unschedulable: dict[str, Entry]
+    lost: dict[str, Entry]
+    status: dict[str, Entry]
+    armed: dict[str, Entry]
+    scheduler: Entry | None
+    revision: int
+
+    @classmethod
+    def read(cls, store: Store) -> View:
+        everything, revision = store.range("")
+        parts: dict[str, dict[str, Entry]] = {
+            k: {} for k in ("vms", "hosts", "placement", "unschedulable", "lost", "status",
+                            "armed")}
+        scheduler = None
+        for key, entry in everything.items():
+            head, _, name = key.lstrip("/").partition("/")
+            if head in parts and name:
+                parts[head][name] = entry
+            elif head == "scheduler" and not name:
+                scheduler = entry
+        return cls(**parts, scheduler=scheduler, revision=revision)
+
+    def armed_on(self, host: str) -> set[str]:
+        entry = self.armed.get(host)
+        found = entry.value.get("vms") if entry else None
+        return {n for n in found if isinstance(n, str)} if isinstance(found, list) else set()
+
+    def host_of(self, vm: str) -> str | None:
+        entry = self.placement.get(vm)
+        host = entry.value.get("host") if entry else None
+        return host if isinstance(host, str) else None
+
+
+@dataclass
+class Scheduler:
+    """Places VMs; only the member holding the `scheduler` key acts."""
+
+    store: Store
+    me: str
+    fence_grace: float
+    placed_total: int = 0
+    moved_total: int = 0
+
+    def run(self, view: View, lease: int) -> None:
+        if view.scheduler is None:
+            if self.store.txn([absent(self.store.key("scheduler"))],
+                              [put(self.store.key("scheduler"), {"host": self.me},
+                                   lease=lease)]):
+                log.info("this host now places VMs (scheduler)")
+            view = View.read(self.store)
+        if view.scheduler is None or view.scheduler.value.get("host") != self.me:
+            return
+        self.schedule(view)
+
+    def schedule(self, view: View) -> None:
+        store, now = self.store, time.time()
+        hosts = [Host(name, int(e.value.get("memory", 0)), int(e.value.get("vcpus", 0)),
+                      dict(e.value.get("labels") or {})) for name, e in sorted(view.hosts.items())]
+        wants = {name: want_of(name, e.value.get("spec") or {}) for name, e in view.vms.items()}
+        gone = [name for name in view.placement if name not in view.vms]
+        for name in gone:  # no longer pushed: its host stops it (its file goes)
+            store.txn([unchanged(store.key("placement", name), view.placement[name].mod_revision)],
+                      [delete(store.key("placement", name))])
+        for name in view.unschedulable:
+            if name not in view.vms:
+                store.txn([], [delete(store.key("unschedulable", name))])
+        # Lost hosts: noted once; their failover VMs move after --fence-grace.
+        lost_hosts = {view.host_of(n) for n in view.placement} - set(view.hosts) - {None}
+        for host in sorted(h for h in lost_hosts if h is not None):
+            if host not in view.lost:
+                store.txn([absent(store.key("lost", host))],
+                          [put(store.key("lost", host), {"since": now})])
+                log.warning("host %s: its lease ended; failover VMs move after %.0fs",
+                            host, self.fence_grace)
+        for host in view.lost:
+            if host in view.hosts or host not in lost_hosts:
+                store.txn([], [delete(store.key("lost", host))])
+        placed: dict[str, str] = {}
+        movable: dict[str, str] = {}  # vm -> the lost host it leaves
+        for name in view.vms:
+            on = view.host_of(name)
+            if on is None:
+                continue
+            if on in view.hosts:
+                placed[name] = on
+                continue
+            since = view.lost.get(on)
+            spec = view.vms[name].value.get("spec") or {}
+            ready = since is not None and now - float(since.value.get("since", now)) \
+                >= self.fence_grace
+            if spec.get("failover") and name in view.armed_on(on) and ready:
+                movable[name] = on
+            else:
+                placed[name] = on  # stays on its lost host: reported host-lost
+        decision = place(list(wants.values()), hosts, placed)
+        for name, host in sorted(decision.placed.items()):
+            key = store.key("placement", name)
+            entry = view.placement.get(name)
+            checks = [unchanged(key, entry.mod_revision if entry else 0),
+                      exists(store.key("hosts", host)),
+                      unchanged(store.key("scheduler"), view.scheduler.mod_revision
+                                if view.scheduler else 0)]
+            if name in movable:  # only while the old host is still gone
+                checks.append(absent(store.key("hosts", movable[name])))
+            value: dict[str, Any] = {"host": host, "at": now, "by": self.me}
+            if name in movable:
+                value["from"] = movable[name]
+            if store.txn(checks, [put(key, value),
+                                  delete(store.key("unschedulable", name))]):
+                self.placed_total += 1
+                if name in movable:
+                    self.moved_total += 1
+                    log.warning("vm '%s': failover from lost host %s to %s", name,
+                                movable[name], host)
+                else:
+                    log.info("vm '%s': placed on %s", name, host)
+        for name, why in sorted(decision.unschedulable.items()):
+            entry = view.unschedulable.get(name)
+            if entry is None or entry.value.get("reason") != why:
+                store.txn([], [put(store.key("unschedulable", name), {"reason": why})])
+                log.warning("vm '%s': unschedulable: %s", name, why)
+
+
+class Fence:
+    """The member's lease, renewed from a thread of its own (with a store of its own,
+    whose timeout is short). After each renewal the new deadline goes to the lease
+    file the watchdog (`reconciler.fence`) enforces; when renewals fail for so long
+    that the lease could end, this thread also kills the failover VMs, and
+    `on_fenced` takes their files away so that the local daemon does not restart them.
+    """
+
+    def __init__(self, store: Store, state: StateDir, ttl: int, *,
+                 on_fenced: Callable[[], None]) -> None:
+        self.store = Store(store.urls, store.prefix, timeout=max(0.5, ttl / 5))
+        self.state, self.ttl = state, ttl
+        self.on_fenced = on_fenced
+        self.lease = 0
+        self.deadline = 0.0  # monotonic: the lease cannot have ended before this
+        self.fenced = False
+        self.stop = threading.Event()
+        # Kill this long before the deadline: a renewal's own timeout plus slack.
+        self.margin = max(1.0, ttl / 4)
+
+    def hold(self, lease: int, granted_at: float) -> None:
+        self.lease, self.deadline, self.fenced = lease, granted_at + self.ttl, False
+        self._publish()
+
+    def _publish(self) -> None:
+        fence.write_lease(self.state, lease=self.lease, ttl=self.ttl,
+                          deadline=self.deadline, margin=self.margin)
+
+    def run(self) -> None:
+        """The thread's body."""
+        interval = max(self.ttl / 4, 0.2)
+        while not self.stop.is_set():
+            sent = time.monotonic()
+            if self.lease and not self.fenced:
+                try:
+                    left = self.store.keepalive(self.lease)
+                except Exception as err:  # unreachable, timed out: the deadline decides
+                    log.debug("lease renewal failed: %s", err)
+                    left = None
+                if left is not None and left > 0:
+                    self.deadline = sent + self.ttl
+                    self._publish()
+                elif left is not None:
+                    self.deadline = 0.0  # ended: etcd says so
+            if self.lease and time.monotonic() >= self.deadline - self.margin:
+                if not self.fenced:
+                    self.fenced = True
+                    log.error("cannot renew this host's etcd lease: killing its failover "
+                              "VMs before the lease ends (self-fencing)")
+                    self.on_fenced()
+                killed = fence.kill_failover_vms(self.state)
+                if killed:
+                    log.error("fenced: killed %s", ", ".join(killed))
+            self.stop.wait(0.1 if self.fenced else interval)
+
+
+@dataclass
+class Member:
+    """`reconcile --etcd URL --host NAME`: this host's part of the cluster."""
+
+    store: Store
+    host: str
+    state: StateDir
+    labels: dict[str, str] = field(default_factory=dict)
+    ttl: int = 10
+    reserve: int = 0
+    fence_grace: float = 5.0
+    address: str | None = None
+    vcpus: int | None = None  # offered; default: this host's CPUs
+    lease: int = 0
+    scheduler: Scheduler = field(init=False)
+    fence: Fence = field(init=False)
+    manifests: Path = field(init=False)
+    _reported: dict[str, Any] = field(default_factory=dict)
+    _dog: subprocess.Popen[bytes] | None = None
+    _armed: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self.store, self.host, self.fence_grace)
+        self.fence = Fence(self.store, self.state, self.ttl, on_fenced=self._fenced)
+        self.manifests = self.state.root / "cluster" / "vms"
+
+    def info(self) -> dict[str, Any]:
+        memory, vcpus = capacity(self.reserve)
+        return {"memory": memory, "vcpus": self.vcpus or vcpus, "labels": self.labels,
+                "address": self.address, "since": time.time(), "pid": os.getpid()}
+
+    def register(self, stop: threading.Event) -> None:
+        """Hold a lease with this host's key under it: the lease of this state dir's
+        previous daemon if it is still alive (a restart changes nothing), else a new
+        one. A key of this name under another live lease is another member's: wait
+        until it ends."""
+        if self._resume():
+            self._watchdog()
+            return
+        warned = False
+        while not stop.is_set():
+            granted = time.monotonic()
+            lease = self.store.grant(self.ttl)
+            if self.store.txn([absent(self.store.key("hosts", self.host))],
+                              [put(self.store.key("hosts", self.host), self.info(),
+                                   lease=lease)]):
+                self.lease = lease
+                self.fence.hold(lease, granted)
+                self._watchdog()
+                log.info("joined the cluster as host %s (lease ttl %ds)", self.host, self.ttl)
+                return
+            self.store.revoke(lease)
+            if not warned:
+                log.warning("host %s is registered already (a member running, or this "
+                            "one's previous lease): waiting for it to end", self.host)
+                warned = True
+            stop.wait(1.0)
+
+    def _resume(self) -> bool:
+        held = fence.read_lease(self.state)
+        if held is None or self.fence.fenced:
+            return False
+        lease, sent = int(held["lease"]), time.monotonic()
+        try:
+            alive = self.store.keepalive(lease) > 0
+        except ClusterError:
+            return False
+        mine = self.store.get("hosts", self.host)
+        if not alive or mine is None or mine.lease != lease:
+            return False
+        self.lease = lease
+        self.fence.hold(lease, sent)
+        self.store.txn([], [put(self.store.key("hosts", self.host), self.info(), lease=lease)])
+        log.info("host %s: carrying on with the previous daemon's lease", self.host)
+        return True
+
+    def _watchdog(self) -> None:
+        """The fencing watchdog of this state dir (a second one exits at once)."""
+        if self._dog is not None and self._dog.poll() is None:
+            return
+        log_path = self.state.root / "cluster" / "fence.log"
+        with open(log_path, "a") as out:
+            self._dog = subprocess.Popen(
+                [sys.executable, "-m", "reconciler.fence", str(self.state.root)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+
+    def _fenced(self) -> None:
+        """Lost the lease: the failover VMs' files go, so nothing here restarts them."""
+        for path in self._files():
+            try:
+                text = path.read_text()
+                spec = json.loads(text[text.index("\n") + 1:])
+            except (OSError, ValueError):
+                continue
+            if spec.get("failover"):
+                path.unlink(missing_ok=True)
+        self.lease = 0
+
+    def _files(self) -> Iterator[Path]:
+        if self.manifests.is_dir():
+            yield from sorted(self.manifests.glob("*.yaml"))
+
+    def sync(self, stop: threading.Event) -> View:
+        """One round: hold a lease, maybe schedule, write this host's VMs' files."""
+        if self.fence.fenced or not self.lease:
+            self.register(stop)
+        view = View.read(self.store)
+        self.scheduler.run(view, self.lease)
+        view = View.read(self.store)
+        self.materialize(view)
+        return view
+
+    def materialize(self, view: View) -> None:
+        """The VMs placed here, as manifest files for the local daemon."""
+        self.manifests.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mine = {name: e for name, e in view.vms.items() if view.host_of(name) == self.host}
+        wanted = {}
+        for name, entry in mine.items():
+            header = (f"# vm '{name}' pushed from {entry.value.get('source')}, placed on "
+                      f"{self.host} by the cluster (etcd): do not edit\n")
+            wanted[f"{name}.yaml"] = header + json.dumps(entry.value.get("spec") or {},
+                                                         indent=2, sort_keys=True) + "\n"
+        for path in self._files():
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+        for filename, text in wanted.items():
+            path = self.manifests / filename
+            try:
+                if path.read_text() == text:
+                    continue
+            except OSError:
+                pass
+            tmp = self.manifests / f".{filename}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def report(self, states: dict[str, dict[str, Any]]) -> None:
+        """What this host runs, for `status --etcd` (under the lease: gone with it), and
+        which VMs its watchdog would fence (what the records say: the watchdog reads
+        those), for the scheduler: only those may fail over."""
+        if not self.lease:
+            return
+        records, _ = self.state.records()
+        armed = sorted(n for n, r in records.items() if r.spec.get("failover"))
+        if armed != self._armed:
+            self.store.txn([], [put(self.store.key("armed", self.host), {"vms": armed})])
+            self._armed = armed
+        if states != self._reported:
+            self.store.txn([], [put(self.store.key("status", self.host),
+                                    {"vms": states, "at": time.time()}, lease=self.lease)])
+            self._reported = states
+
+    def leave(self, *, vms_kept: bool) -> None:
+        """The daemon stops. With its VMs stopped or saved, the lease ends now. With VMs
+        kept running, the lease is left to run out: a daemon started again before then
+        carries on with it; if none is, the watchdog fences the failover VMs first."""
+        self.fence.stop.set()
+        if vms_kept:
+            if self.lease:
+                left = max(self.fence.deadline - time.monotonic(), 0)
+                log.info("host %s: lease left to run out (%.0fs); failover VMs are killed "
+                         "before then unless the daemon is back", self.host, left)
+            return
+        fence.lease_file(self.state).unlink(missing_ok=True)  # the watchdog exits
+        if self.lease:
+            try:
+                self.store.revoke(self.lease)
+            except ClusterError as err:
+                log.warning("could not end the lease: %s", err)
+
+
+def cluster_rows(view: View, *, now: float | None = None) -> tuple[list[dict[str, Any]],
+                                                                     list[dict[str, Any]]]:
+    """`status --etcd`: one row per host and one per VM."""
+    now = time.time() if now is None else now
+    hosts = []
+    used: dict[str, tuple[int, int]] = {}
+    for name in view.vms:
+        host = view.host_of(name)
+        if host:
+            want = want_of(name, view.vms[name].value.get("spec") or {})
+            memory, vcpus = used.get(host, (0, 0))
+            used[host] = (memory + want.memory, vcpus + want.vcpus)
+    scheduler = view.scheduler.value.get("host") if view.scheduler else None
+    for name in sorted(set(view.hosts) | set(view.lost)):
+        entry = view.hosts.get(name)
+        memory, vcpus = used.get(name, (0, 0))
+        hosts.append({
+            "host": name, "lease": "alive" if entry else "lost",
+            "memory": entry.value.get("memory") if entry else None, "memory_used": memory,
+            "vcpus": entry.value.get("vcpus") if entry else None, "vcpus_used": vcpus,
+            "labels": entry.value.get("labels", {}) if entry else {},
+            "scheduler": name == scheduler,
+            "lost_for": None if entry or name not in view.lost
+            else round(now - float(view.lost[name].value.get("since", now)), 1)})
+    vms = []
+    for name in sorted(view.vms):
+        host = view.host_of(name)
+        spec = view.vms[name].value.get("spec") or {}
+        row: dict[str, Any] = {"name": name, "host": host, "failover": bool(spec.get("failover"))}
+        if host is None:
+            why = view.unschedulable.get(name)
+            row.update(state="unschedulable" if why else "pending",
+                       detail=why.value.get("reason", "") if why else "not placed yet")
+        elif host not in view.hosts:
+            armed = name in view.armed_on(host)
+            row.update(state="host-lost", detail=f"host {host}'s lease ended" + (
+                "; moves to another host after --fence-grace" if row["failover"] and armed
+                else "; not restarted elsewhere (failover: false)" if not row["failover"]
+                else "; not restarted elsewhere: that host never armed its fencing"))
+        else:
+            report = view.status.get(host)
+            vm = (report.value.get("vms") or {}).get(name) if report else None
+            row.update(state=vm.get("state", "unknown") if vm else "placed",
+                       detail=vm.get("detail", "") if vm else f"placed on {host}")
+        vms.append(row)
+    return hosts, vms

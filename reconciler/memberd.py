@@ -1,0 +1,86 @@
+"""`reconcile --etcd URL --host NAME`: the daemon as one member of a cluster.
+
+Three threads and the daemon: the lease is renewed (and the host fenced when it cannot
+be) by `cluster.Fence`; a watch on etcd wakes a sync; each sync writes the VMs placed
+here as manifest files, which the ordinary daemon (`daemon.Watch`) converges on. The
+sync runs on every change in etcd and every ttl/2 seconds besides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from reconciler.cluster import ClusterError, Member
+from reconciler.daemon import Watch
+from reconciler.loop import Report
+
+log = logging.getLogger("reconciler")
+
+
+def states_of(report: Report) -> dict[str, dict[str, Any]]:
+    details = {r.vm: r.detail or r.reason for r in report.results}
+    return {name: {"state": state, "detail": details.get(name, "")}
+            for name, state in sorted(report.states.items())}
+
+
+async def run_member(member: Member, watch: Watch) -> None:
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    poke = asyncio.Event()
+
+    def changed() -> None:
+        loop.call_soon_threadsafe(poke.set)
+
+    fenced = member.fence.on_fenced
+
+    def on_fenced() -> None:
+        fenced()
+        changed()
+
+    member.fence.on_fenced = on_fenced
+    await asyncio.to_thread(member.register, stop)
+    threads = [threading.Thread(target=member.fence.run, name="lease", daemon=True),
+               threading.Thread(target=member.store.watch, args=(changed, stop),
+                                name="etcd-watch", daemon=True)]
+    for thread in threads:
+        thread.start()
+    shown = watch.on_report
+
+    def on_report(report: Report, seconds: float) -> None:
+        shown(report, seconds)
+        states = states_of(report)
+        loop.run_in_executor(None, _report, member, states)
+
+    watch.on_report = on_report
+    await _sync(member, stop)  # the files are there before the daemon's first pass
+    daemon = asyncio.create_task(watch.run())
+    try:
+        while not daemon.done():
+            poke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poke.wait(), max(member.ttl / 2, 0.5))
+            if not daemon.done():
+                await _sync(member, stop)
+    finally:
+        stop.set()  # the watch thread; the lease is renewed until member.leave()
+        watch.stop()
+        with contextlib.suppress(Exception):
+            await daemon
+
+
+async def _sync(member: Member, stop: threading.Event) -> None:
+    try:
+        await asyncio.to_thread(member.sync, stop)
+    except ClusterError as err:
+        log.error("etcd: %s", err)
+
+
+def _report(member: Member, states: dict[str, dict[str, Any]]) -> None:
+    try:
+        member.report(states)
+    except ClusterError as err:
+        log.debug("could not report to etcd: %s", err)
