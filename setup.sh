@@ -16,7 +16,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 packages=(qemu-system-x86 qemu-utils busybox-static python3-venv iproute2 dnsmasq-base nftables
-          openssh-client)
+          openssh-client etcd-server etcd-client)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -584,7 +584,7 @@ class Member:
         held = fence.read_lease(self.state)
         if held is None or self.fence.fenced:
             return False
-        lease, sent = int(held["lease"]), time.monotonic()
+        lease, sent = held.lease, time.monotonic()
         try:
             alive = self.store.keepalive(lease) > 0
         except ClusterError:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.observed import StateDir, find_qemu, is_alive, open_pidfd
@@ -40,16 +41,20 @@ def write_lease(state: StateDir, *, lease: int, ttl: int, deadline: float,
     os.replace(tmp, path)
 
 
-def read_lease(state: StateDir) -> dict[str, float] | None:
+@dataclass(frozen=True)
+class Held:
+    lease: int  # etcd's 64-bit lease ID (never through a float)
+    ttl: float
+    deadline: float
+    margin: float
+
+
+def read_lease(state: StateDir) -> Held | None:
     try:
         found = json.loads(lease_file(state).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(found, dict):
-        return None
-    try:
-        return {k: float(found[k]) for k in ("lease", "ttl", "deadline", "margin")}
-    except (KeyError, TypeError, ValueError):
+        return Held(int(found["lease"]), float(found["ttl"]), float(found["deadline"]),
+                    float(found["margin"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -101,14 +106,14 @@ def watchdog(state: StateDir) -> int:
             say("no lease file: the member left; exiting")
             return 0
         now = time.monotonic()
-        if now >= held["deadline"] - held["margin"]:
+        if now >= held.deadline - held.margin:
             if not fenced:
-                say(f"lease {int(held['lease'])} not renewed in time: fencing")
+                say(f"lease {held.lease} not renewed in time: fencing")
                 fenced = True
             killed = kill_failover_vms(state)
             if killed:
                 say("killed " + ", ".join(killed))
-            elif now > held["deadline"] + held["ttl"]:
+            elif now > held.deadline + held.ttl:
                 say("lease ended and nothing left to fence; exiting")
                 return 0
         elif fenced:
