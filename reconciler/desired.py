@@ -901,6 +901,8 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         return hit
     with valcache.noting() as noted:
         result = _load(listing, read, context)
+    if any(d.vm.cloud_init is not None for d in result.vms.values()):
+        return result  # its texts may hold secrets: they go into the seed, nowhere else
     for decl in result.vms.values():
         decl.vm.spec_hash()  # kept with the entry: a hit needs no serializer either
     cache.put(key, noted, result)

@@ -8,7 +8,9 @@ also looks at the host (a kernel file exists, a user exists, a user-data file's
 text): each path it looks at is noted (`note`), with what about it mattered, and an
 entry is used only while every noted path still looks the same. Anything odd (an
 entry that is unreadable, corrupt, not ours or writable by others) is a miss, and a
-miss only means validating again.
+miss only means validating again. Manifests with a VM that has a `cloud_init` are not
+cached: its texts (user-data, keys) may hold secrets, which go into the seed and nowhere
+else.
 """
 
 from __future__ import annotations
