@@ -224,8 +224,9 @@ def test_validate_reports_every_error_without_touching_vms(
     assert run.err.splitlines() == [
         f"{tmp_path / 'a.yaml'}:3: vm 'a': vcpus must be at least 1 (got 0)",
         f"{tmp_path / 'a.yaml'}:4: vm 'a': unknown field 'colour' (known fields: accel, agent, "
-        "boot, cdrom, cloud_init, cpus, disks, interfaces, kind, labels, memory, name, "
-        "on_change, owner, priority, ready, resources, restart, state, stop_timeout, vcpus)",
+        "boot, cdrom, cloud_init, cpus, disks, failover, interfaces, kind, labels, memory, "
+        "name, on_change, owner, placement, priority, ready, resources, restart, state, "
+        "stop_timeout, vcpus)",
     ]
 
 
