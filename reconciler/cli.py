@@ -23,7 +23,7 @@ from reconciler.observed import StateDir, StateDirError, default_state_dir
 
 EX_USAGE = 64
 SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh", "import",
-               "push")
+               "push", "drain")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,6 +177,15 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         parser.description = "One row per VM, like vmctl status."
         parser.add_argument("--json", action="store_true")
         _cluster(parser)
+    elif command == "drain":
+        parser.description = ("Move every VM off HOST (live migration where it can, else "
+                              "stop and start elsewhere); it gets no new VMs until --undo.")
+        parser.add_argument("host")
+        _cluster(parser)
+        parser.add_argument("--undo", action="store_true",
+                            help="HOST takes VMs again (those moved stay where they are)")
+        parser.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                            help="wait up to this long until no VM is left on HOST")
     elif command == "push":
         parser.description = ("Validate DIR as --once does and, only if every manifest is "
                               "valid, write its VMs to the cluster in one transaction.")
@@ -271,7 +280,7 @@ def _dispatch(argv: list[str]) -> int:
         _logging(args.verbose, debug=args.debug)
         handler = {"status": _status, "list": _list, "validate": _validate,
                    "schema": _schema, "down": _down, "console": _console, "ssh": _ssh,
-                   "import": _import, "push": _push}
+                   "import": _import, "push": _push, "drain": _drain}
         return handler[command](args)
     if tail:
         rest = [*rest, "--", *tail]
@@ -435,7 +444,7 @@ def _push(args: argparse.Namespace) -> int:
         return 1
     try:
         store = _store(args)
-        plan = cluster.plan_push(store, loaded)
+        plan = cluster.plan_push(store, loaded, args.shared_dir)
         for word, names in (("add", plan.added), ("change", plan.changed),
                             ("remove", plan.removed)):
             for name in names:
@@ -459,6 +468,43 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    import time
+
+    from reconciler import cluster
+
+    if not args.etcd:
+        print("reconcile drain: --etcd URL is required", file=sys.stderr)
+        return EX_USAGE
+    try:
+        store = _store(args)
+        key = store.key("drain", args.host)
+        if args.undo:
+            store.txn([], [cluster.delete(key)])
+            print(f"drain: {args.host} takes VMs again")
+            return 0
+        if store.get("hosts", args.host) is None:
+            print(f"drain: no live host {args.host!r} in the cluster", file=sys.stderr)
+            return 1
+        store.txn([], [cluster.put(key, {"at": time.time()})])
+        print(f"drain: {args.host} gets no new VMs; its VMs move away")
+        deadline = time.monotonic() + (args.wait or 0)
+        while args.wait is not None:
+            view = cluster.View.read(store)
+            left = sorted(n for n in view.vms if view.host_of(n) == args.host)
+            if not left:
+                print(f"drain: {args.host} runs no VMs")
+                return 0
+            if time.monotonic() > deadline:
+                print(f"drain: still on {args.host}: {', '.join(left)}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except cluster.ClusterError as err:
+        print(f"drain: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cluster_status(args: argparse.Namespace) -> int:
     from reconciler import cluster
 
@@ -476,7 +522,8 @@ def _cluster_status(args: argparse.Namespace) -> int:
          f"{h['memory_used']}/{h['memory'] if h['memory'] is not None else '-'}M",
          f"{h['vcpus_used']}/{h['vcpus'] if h['vcpus'] is not None else '-'}",
          ",".join(f"{k}={v}" for k, v in sorted(h["labels"].items())) or "-",
-         "scheduler" if h["scheduler"] else ""] for h in hosts])
+         " ".join(w for w, on in (("scheduler", h["scheduler"]),
+                                  ("draining", h["draining"])) if on)] for h in hosts])
     print()
     _print_table(["NAME", "HOST", "STATE", "DETAIL"], [
         [v["name"], v["host"] or "-", v["state"], v["detail"]] for v in vms])
@@ -724,7 +771,7 @@ def _watch(args: argparse.Namespace) -> int:
         member = Member(_store(args), args.host, state, labels=dict(args.label),
                         ttl=args.lease_ttl, reserve=args.reserve // 2**20,
                         fence_grace=args.fence_grace, address=args.address,
-                        vcpus=args.vcpus)
+                        vcpus=args.vcpus, allow_dirs=_allowed(args, say=False))
         args.path = member.manifests
 
     async def run() -> None:

@@ -11,6 +11,15 @@ Keys, under the prefix (`/reconciler` by default):
   lost/<host>         when the scheduler saw that host's lease end
   status/<host>       what the member reports of its VMs; under its lease
   armed/<host>        the failover VMs that host's watchdog would kill (not under a lease)
+  drain/<host>        `reconcile drain`: the host gets no VMs, and its VMs move away
+  migration/<vm>      a live migration under way: where the target QEMU listens
+
+A move (drain) is written by the scheduler as placement {host: SOURCE, to: TARGET,
+mode}: `live` (a running VM whose disks are all shared, without NICs or seed: QMP
+`migrate` to a QEMU the target started with `-incoming`) or `cold` (the source stops
+it, then it starts on the target). The source flips the placement to the target only
+once its own copy is stopped (cold) or the migration has completed (live; its QEMU
+then only holds a stopped copy and is ended).
 
 A member writes the VMs placed on it as manifest files into its state dir and runs the
 ordinary daemon on them: one loop, one planner, whether the VMs come from a directory
@@ -24,6 +33,7 @@ only in a transaction that checks the old host is still absent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -38,9 +48,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from reconciler import desired as desired_mod
-from reconciler import fence
+from reconciler import fence, kvm
 from reconciler.desired import VM, Manifests
-from reconciler.observed import StateDir
+from reconciler.observed import StateDir, is_alive
 from reconciler.placement import Host, Want, place
 
 log = logging.getLogger("reconciler")
@@ -108,9 +118,15 @@ class Store:
         raise ClusterError("cannot reach etcd: " + "; ".join(errors))
 
     def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+        return self.txn_rev(compare, success)[0]
+
+    def txn_rev(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]
+                ) -> tuple[bool, int]:
+        """A transaction: whether it succeeded, and the store's revision after it."""
         found = self._call(lambda c: c.transaction(
             {"compare": compare, "success": success, "failure": []}))
-        return bool(found.get("succeeded"))
+        revision = int(found.get("header", {}).get("revision", 0))
+        return bool(found.get("succeeded")), revision
 
     def range(self, part: str) -> tuple[dict[str, Entry], int]:
         """Every key under prefix/part (names relative to it), and the store's revision."""
@@ -270,8 +286,7 @@ def push_errors(loaded: Manifests, shared_dirs: Sequence[Path]) -> list[str]:
             continue
         paths = [d.path for d in vm.disks] + ([vm.cdrom] if vm.cdrom else [])
         for path in paths:
-            real = os.path.realpath(path)
-            if not any(real == top or real.startswith(top.rstrip("/") + "/") for top in shared):
+            if not _under(path, shared):
                 where = ", ".join(str(d) for d in shared_dirs) or "none given"
                 errors.append(f"{decl.file}:{decl.line}: vm '{name}': failover: true needs "
                               f"its disks on storage every host reaches (--shared-dir: "
@@ -292,8 +307,15 @@ class PushPlan:
         return not (self.added or self.changed or self.removed)
 
 
-def plan_push(store: Store, loaded: Manifests) -> PushPlan:
-    values = {name: {"spec": document(d.vm), "source": f"{d.file}:{d.line}"}
+def _under(path: Path, tops: Sequence[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == top or real.startswith(top.rstrip("/") + "/") for top in tops)
+
+
+def plan_push(store: Store, loaded: Manifests, shared_dirs: Sequence[Path] = ()) -> PushPlan:
+    shared = [os.path.realpath(d) for d in shared_dirs]
+    values = {name: {"spec": document(d.vm), "source": f"{d.file}:{d.line}",
+                     "shared": all(_under(disk.path, shared) for disk in d.vm.disks)}
               for name, d in loaded.vms.items()}
     current, _ = store.range("vms/")
     meta = store.get("push")
@@ -347,6 +369,8 @@ class View:
     lost: dict[str, Entry]
     status: dict[str, Entry]
     armed: dict[str, Entry]
+    drain: dict[str, Entry]
+    migration: dict[str, Entry]
     scheduler: Entry | None
     revision: int
 
@@ -355,7 +379,7 @@ class View:
         everything, revision = store.range("")
         parts: dict[str, dict[str, Entry]] = {
             k: {} for k in ("vms", "hosts", "placement", "unschedulable", "lost", "status",
-                            "armed")}
+                            "armed", "drain", "migration")}
         scheduler = None
         for key, entry in everything.items():
             head, _, name = key.lstrip("/").partition("/")
@@ -374,6 +398,28 @@ class View:
         entry = self.placement.get(vm)
         host = entry.value.get("host") if entry else None
         return host if isinstance(host, str) else None
+
+    def moving_to(self, vm: str) -> str | None:
+        entry = self.placement.get(vm)
+        to = entry.value.get("to") if entry else None
+        return to if isinstance(to, str) else None
+
+    def running(self, vm: str) -> bool:
+        """Its host reports it running (or ready)."""
+        host = self.host_of(vm)
+        report = self.status.get(host) if host else None
+        found = (report.value.get("vms") or {}).get(vm) if report else None
+        if not isinstance(found, dict):
+            return False
+        return str(found.get("state", "")).split(" ")[0] in ("running", "ready", "starting")
+
+
+def migratable(value: dict[str, Any]) -> bool:
+    """A pushed VM that can move live: its disks are all on shared storage, and it has
+    no NICs or seed (their host side is not set up on a target yet)."""
+    spec = value.get("spec") or {}
+    return bool(value.get("shared")) and not spec.get("interfaces") \
+        and not spec.get("cloud_init")
 
 
 @dataclass
@@ -400,7 +446,8 @@ class Scheduler:
     def schedule(self, view: View) -> None:
         store, now = self.store, time.time()
         hosts = [Host(name, int(e.value.get("memory", 0)), int(e.value.get("vcpus", 0)),
-                      dict(e.value.get("labels") or {})) for name, e in sorted(view.hosts.items())]
+                      dict(e.value.get("labels") or {})) for name, e in sorted(view.hosts.items())
+                 if name not in view.drain]  # a draining host takes nothing new
         wants = {name: want_of(name, e.value.get("spec") or {}) for name, e in view.vms.items()}
         gone = [name for name in view.placement if name not in view.vms]
         for name in gone:  # no longer pushed: its host stops it (its file goes)
@@ -437,6 +484,7 @@ class Scheduler:
                 movable[name] = on
             else:
                 placed[name] = on  # stays on its lost host: reported host-lost
+        self._drain(view, wants, hosts, placed, now)
         decision = place(list(wants.values()), hosts, placed)
         for name, host in sorted(decision.placed.items()):
             key = store.key("placement", name)
@@ -459,11 +507,49 @@ class Scheduler:
                                 movable[name], host)
                 else:
                     log.info("vm '%s': placed on %s", name, host)
-        for name, why in sorted(decision.unschedulable.items()):
+        self._unschedulable(view, decision.unschedulable)
+
+    def _drain(self, view: View, wants: dict[str, Want], hosts: list[Host],
+               placed: dict[str, str], now: float) -> None:
+        """Each VM of a draining host gets a target (one at a time per VM); a move
+        whose target is gone is called off."""
+        store = self.store
+        for name, entry in sorted(view.placement.items()):
+            source, to = view.host_of(name), view.moving_to(name)
+            if to is not None and to not in view.hosts and source in view.hosts:
+                value = {k: v for k, v in entry.value.items() if k not in ("to", "mode")}
+                store.txn([unchanged(store.key("placement", name), entry.mod_revision)],
+                          [put(store.key("placement", name), value),
+                           delete(store.key("migration", name))])
+                log.warning("vm '%s': move to %s called off: that host is gone", name, to)
+                continue
+            if to is not None or source not in view.drain or source not in view.hosts \
+                    or name not in wants or entry.value.get("move_failed"):
+                continue
+            others = {n: h for n, h in placed.items() if n != name}
+            decision = place([wants[name]], hosts, others)
+            target = decision.placed.get(name)
+            if target is None:
+                self._unschedulable(view, {name: "cannot leave draining host "
+                                           f"{source}: " + decision.unschedulable[name]})
+                continue
+            live = view.running(name) and migratable(view.vms[name].value) \
+                and bool(view.hosts[target].value.get("address"))
+            mode = "live" if live else "cold"
+            value = {**entry.value, "to": target, "mode": mode, "at": now, "by": self.me}
+            if store.txn([unchanged(store.key("placement", name), entry.mod_revision),
+                          exists(store.key("hosts", target))],
+                         [put(store.key("placement", name), value)]):
+                placed[name] = target  # counts on the target from now on
+                log.info("vm '%s': moves from %s to %s (%s)", name, source, target, mode)
+
+    def _unschedulable(self, view: View, why: dict[str, str]) -> None:
+        store = self.store
+        for name, reason in sorted(why.items()):
             entry = view.unschedulable.get(name)
-            if entry is None or entry.value.get("reason") != why:
-                store.txn([], [put(store.key("unschedulable", name), {"reason": why})])
-                log.warning("vm '%s': unschedulable: %s", name, why)
+            if entry is None or entry.value.get("reason") != reason:
+                store.txn([], [put(store.key("unschedulable", name), {"reason": reason})])
+                log.warning("vm '%s': unschedulable: %s", name, reason)
 
 
 class Fence:
@@ -522,6 +608,21 @@ class Fence:
             self.stop.wait(0.1 if self.fenced else interval)
 
 
+MIGRATION_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Move:
+    """One side of a live migration."""
+
+    vm: str
+    role: str  # "in": this host receives it; "out": this host sends it
+    peer: str  # the other host
+    revision: int  # the placement's, when the move was written
+    spec: dict[str, Any] = field(default_factory=dict)  # in: the VM's document
+    uri: str | None = None  # out: where the target listens
+
+
 @dataclass
 class Member:
     """`reconcile --etcd URL --host NAME`: this host's part of the cluster."""
@@ -535,6 +636,7 @@ class Member:
     fence_grace: float = 5.0
     address: str | None = None
     vcpus: int | None = None  # offered; default: this host's CPUs
+    allow_dirs: Sequence[Path] = ()  # --allow-dir, for VMs received live
     lease: int = 0
     scheduler: Scheduler = field(init=False)
     fence: Fence = field(init=False)
@@ -542,6 +644,8 @@ class Member:
     _reported: dict[str, Any] = field(default_factory=dict)
     _dog: subprocess.Popen[bytes] | None = None
     _armed: list[str] | None = None
+    _files: threading.Lock = field(default_factory=threading.Lock)
+    _departed: dict[str, int] = field(default_factory=dict)  # vm -> revision it left at
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(self.store, self.host, self.fence_grace)
@@ -610,7 +714,7 @@ class Member:
 
     def _fenced(self) -> None:
         """Lost the lease: the failover VMs' files go, so nothing here restarts them."""
-        for path in self._files():
+        for path in self._manifest_files():
             try:
                 text = path.read_text()
                 spec = json.loads(text[text.index("\n") + 1:])
@@ -620,7 +724,7 @@ class Member:
                 path.unlink(missing_ok=True)
         self.lease = 0
 
-    def _files(self) -> Iterator[Path]:
+    def _manifest_files(self) -> Iterator[Path]:
         if self.manifests.is_dir():
             yield from sorted(self.manifests.glob("*.yaml"))
 
@@ -632,19 +736,33 @@ class Member:
         self.scheduler.run(view, self.lease)
         view = View.read(self.store)
         self.materialize(view)
+        self._cold_moves(view)
         return view
+
+    def _mine(self, view: View, name: str) -> bool:
+        """Whether this host's daemon should have name's file (and run it)."""
+        entry = view.placement.get(name)
+        if entry is None or view.host_of(name) != self.host:
+            return False
+        if view.moving_to(name) and entry.value.get("mode") == "cold":
+            return False  # stopped here first, then started there
+        return view.revision >= self._departed.get(name, 0)  # not a view from before
 
     def materialize(self, view: View) -> None:
         """The VMs placed here, as manifest files for the local daemon."""
+        with self._files:
+            self._materialize(view)
+
+    def _materialize(self, view: View) -> None:
         self.manifests.mkdir(parents=True, exist_ok=True, mode=0o700)
-        mine = {name: e for name, e in view.vms.items() if view.host_of(name) == self.host}
+        mine = {name: e for name, e in view.vms.items() if self._mine(view, name)}
         wanted = {}
         for name, entry in mine.items():
             header = (f"# vm '{name}' pushed from {entry.value.get('source')}, placed on "
                       f"{self.host} by the cluster (etcd): do not edit\n")
             wanted[f"{name}.yaml"] = header + json.dumps(entry.value.get("spec") or {},
                                                          indent=2, sort_keys=True) + "\n"
-        for path in self._files():
+        for path in self._manifest_files():
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
         for filename, text in wanted.items():
@@ -657,6 +775,152 @@ class Member:
             tmp = self.manifests / f".{filename}.tmp"
             tmp.write_text(text)
             os.replace(tmp, path)
+
+    def _cold_moves(self, view: View) -> None:
+        """A VM moving cold from here goes to its target once it has stopped here."""
+        records, _ = self.state.records()
+        for name, entry in sorted(view.placement.items()):
+            to = view.moving_to(name)
+            if view.host_of(name) != self.host or to is None \
+                    or entry.value.get("mode") != "cold":
+                continue
+            record = records.get(name)
+            if record is not None and (record.intent or is_alive(record)):
+                continue  # still being stopped by the daemon
+            if self.depart(name, entry.mod_revision, to, {}):
+                log.info("vm '%s': stopped here; moves to %s", name, to)
+
+    def depart(self, name: str, revision: int, to: str, extra: dict[str, Any]) -> bool:
+        """Hand name over to host `to` (placement, if unchanged since revision); its
+        file here goes in the same breath, so no daemon pass starts it again."""
+        key = self.store.key("placement", name)
+        value = {"host": to, "from": self.host, "at": time.time(), "by": self.host, **extra}
+        with self._files:
+            done, after = self.store.txn_rev(
+                [unchanged(key, revision)],
+                [put(key, value), delete(self.store.key("migration", name))])
+            if done:
+                self._departed[name] = after
+                (self.manifests / f"{name}.yaml").unlink(missing_ok=True)
+        return done
+
+    def call_off(self, name: str, revision: int, why: str) -> None:
+        """A move that failed: the VM stays here, and the scheduler does not retry it."""
+        key = self.store.key("placement", name)
+        entry = self.store.get("placement", name)
+        if entry is None or entry.mod_revision != revision:
+            return
+        value = {k: v for k, v in entry.value.items() if k not in ("to", "mode")}
+        self.store.txn([unchanged(key, revision)],
+                       [put(key, {**value, "move_failed": why}),
+                        delete(self.store.key("migration", name))])
+
+    def moves(self, view: View) -> list[Move]:
+        """The live migrations this host takes part in now."""
+        found = []
+        for name, entry in sorted(view.placement.items()):
+            to, source = view.moving_to(name), view.host_of(name)
+            if to is None or entry.value.get("mode") != "live" or name not in view.vms:
+                continue
+            if to == self.host and source is not None:
+                found.append(Move(name, "in", source, entry.mod_revision,
+                                  spec=view.vms[name].value.get("spec") or {}))
+            elif source == self.host:
+                migration = view.migration.get(name)
+                if migration is None or migration.value.get("to") != to:
+                    continue
+                if migration.value.get("error"):
+                    self.call_off(name, entry.mod_revision,
+                                  f"{to}: {migration.value['error']}")
+                elif migration.value.get("uri"):
+                    found.append(Move(name, "out", to, entry.mod_revision,
+                                      uri=str(migration.value["uri"])))
+        return found
+
+    async def receive(self, move: Move) -> str:
+        """Start a QEMU waiting for the guest, say where it listens, and hold it until
+        the guest runs here and its file is in place (or the move is called off)."""
+        name, paths = move.vm, self.state.paths(move.vm)
+        key = self.store.key("migration", name)
+        try:
+            if not self.address:
+                raise ClusterError("this host has no --address to receive migrations on")
+            vm = self._validated(name, move.spec)
+            record = await kvm.start(vm, paths, source=str(self.manifests / f"{name}.yaml"),
+                                     paused=False, remember=self.state.write, history={},
+                                     incoming=True)
+        except (ClusterError, kvm.DriverError, OSError) as err:
+            await asyncio.to_thread(self.store.txn, [], [put(key, {
+                "to": self.host, "from": move.peer, "error": str(err)})])
+            raise
+        try:
+            uri = await kvm.listen_incoming(paths, self.address)
+            await asyncio.to_thread(self.store.txn, [], [put(key, {
+                "to": self.host, "from": move.peer, "uri": uri})])
+            deadline = time.monotonic() + MIGRATION_TIMEOUT
+            checked = 0.0
+            while True:
+                status = await kvm.query_status(paths)
+                if status != "inmigrate" and (self.manifests / f"{name}.yaml").exists():
+                    # The guest was ready there: it is the same guest here.
+                    entry = await asyncio.to_thread(self.store.get, "placement", name)
+                    moved = (entry.value.get("migrated") or {}) if entry else {}
+                    if moved.get("ready_at") is not None:
+                        self.state.update(name, record.pid, ready_at=moved["ready_at"],
+                                          ready_passed=list(moved.get("ready_passed", [])))
+                    return f"live migration from {move.peer} received ({status})"
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"no migration within {MIGRATION_TIMEOUT:.0f}s")
+                if time.monotonic() - checked > 1.0:
+                    checked = time.monotonic()
+                    entry = await asyncio.to_thread(self.store.get, "placement", name)
+                    host = entry.value.get("host") if entry else None
+                    if entry is None or (host != self.host
+                                         and entry.value.get("to") != self.host):
+                        raise ClusterError("the move was called off")
+                await asyncio.sleep(0.1)
+        except BaseException:
+            await kvm.quit_qemu(record, paths)
+            self.state.forget(name)
+            raise
+
+    async def send(self, move: Move) -> str:
+        """Migrate the guest to the target's QEMU; then hand the VM over and end ours."""
+        name, paths = move.vm, self.state.paths(move.vm)
+        records, _ = self.state.records()
+        record = records.get(name)
+        if record is None or not is_alive(record):
+            await asyncio.to_thread(self.call_off, name, move.revision, "not running here")
+            raise ClusterError(f"vm '{name}' is not running here")
+        assert move.uri is not None
+        self.state.update(name, record.pid, stopping=True)
+        try:
+            info = await kvm.migrate(record, paths, move.uri, timeout=MIGRATION_TIMEOUT)
+        except BaseException as err:
+            self.state.update(name, record.pid, stopping=False)
+            await asyncio.to_thread(self.call_off, name, move.revision, str(err))
+            raise
+        figures = {"downtime_ms": info.get("downtime"), "total_ms": info.get("total-time"),
+                   "ready_at": record.ready_at, "ready_passed": record.ready_passed}
+        handed = await asyncio.to_thread(self.depart, name, move.revision, move.peer,
+                                         {"migrated": figures})
+        how = await kvm.quit_qemu(record, paths)  # only a stopped copy is left here
+        if not handed:
+            raise ClusterError(f"vm '{name}': migrated, but its placement changed "
+                               f"meanwhile; QEMU here {how}")
+        return (f"live-migrated to {move.peer} (downtime {figures['downtime_ms']} ms, "
+                f"total {figures['total_ms']} ms); QEMU here {how}")
+
+    def _validated(self, name: str, spec: dict[str, Any]) -> VM:
+        from pydantic import ValidationError
+
+        context = desired_mod._context(self.state.root)
+        context["base_dir"] = self.manifests
+        context["allow_dirs"] = tuple(os.path.realpath(d) for d in self.allow_dirs)
+        try:
+            return VM.model_validate(spec, context=context)
+        except ValidationError as err:
+            raise ClusterError(f"vm '{name}' is not valid on this host: {err}") from None
 
     def report(self, states: dict[str, dict[str, Any]]) -> None:
         """What this host runs, for `status --etcd` (under the lease: gone with it), and
@@ -710,7 +974,7 @@ def cluster_rows(view: View, *, now: float | None = None) -> tuple[list[dict[str
         entry = view.hosts.get(name)
         memory, vcpus = used.get(name, (0, 0))
         hosts.append({
-            "host": name, "lease": "alive" if entry else "lost",
+            "host": name, "lease": "alive" if entry else "lost", "draining": name in view.drain,
             "memory": entry.value.get("memory") if entry else None, "memory_used": memory,
             "vcpus": entry.value.get("vcpus") if entry else None, "vcpus_used": vcpus,
             "labels": entry.value.get("labels", {}) if entry else {},
@@ -732,10 +996,19 @@ def cluster_rows(view: View, *, now: float | None = None) -> tuple[list[dict[str
                 "; moves to another host after --fence-grace" if row["failover"] and armed
                 else "; not restarted elsewhere (failover: false)" if not row["failover"]
                 else "; not restarted elsewhere: that host never armed its fencing"))
+        elif view.moving_to(name):
+            entry = view.placement[name]
+            row.update(state="moving", detail=f"{entry.value.get('mode')} move to "
+                                              f"{view.moving_to(name)}")
         else:
             report = view.status.get(host)
             vm = (report.value.get("vms") or {}).get(name) if report else None
             row.update(state=vm.get("state", "unknown") if vm else "placed",
                        detail=vm.get("detail", "") if vm else f"placed on {host}")
+            failed = view.placement[name].value.get("move_failed")
+            if failed:
+                row["detail"] += f"; move failed: {failed}"
+        row["migrated"] = view.placement[name].value.get("migrated") \
+            if name in view.placement else None
         vms.append(row)
     return hosts, vms

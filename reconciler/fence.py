@@ -123,7 +123,8 @@ def watchdog(state: StateDir) -> int:
 
 
 def say(text: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
     with contextlib.suppress(OSError):
         print(f"{stamp} fence[{os.getpid()}]: {text}", flush=True)
 

@@ -356,7 +356,8 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                 remember: Callable[[Record], None], history: Mapping[str, int],
                 restore_from: Path | None = None, taps: Sequence[tuple[str, str]] = (),
                 keep: Mapping[str, Any] | None = None,
-                turn: Callable[[], Awaitable[float]] | None = None) -> Record:
+                turn: Callable[[], Awaitable[float]] | None = None,
+                incoming: bool = False) -> Record:
     """Launch QEMU for vm and wait until QMP answers (and a restore has loaded).
 
     `remember` gets the record before the spawn (an intent: no pid yet), again as
@@ -367,6 +368,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     the guest then stays paused until the caller resumes it. `keep`: record fields
     carried into the new record (a restore keeps `saved` until it has loaded).
     `turn`: awaited right before the spawn (staggered starts); its time is started_at.
+    `incoming`: QEMU waits for a live migration (`-incoming defer`; `listen_incoming`).
     """
     if len(str(paths.serial)) > MAX_SOCKET_PATH:
         raise LaunchError(
@@ -408,7 +410,7 @@ async def start(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         return await _launch(vm, paths, source=source, paused=paused, remember=remember,
                              history=history, restore_from=restore_from, taps=taps,
                              keep=keep, accel=accel, files=files,
-                             serial_offset=serial_offset, turn=turn)
+                             serial_offset=serial_offset, turn=turn, incoming=incoming)
     finally:
         files.close()
 
@@ -417,8 +419,8 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
                   remember: Callable[[Record], None], history: Mapping[str, int],
                   restore_from: Path | None, taps: Sequence[tuple[str, str]],
                   keep: Mapping[str, Any] | None, accel: str, files: Handoff,
-                  serial_offset: int, turn: Callable[[], Awaitable[float]] | None
-                  ) -> Record:
+                  serial_offset: int, turn: Callable[[], Awaitable[float]] | None,
+                  incoming: bool = False) -> Record:
     for stale in (paths.qmp, paths.serial, paths.pidfile, paths.agent):  # none alive
         stale.unlink(missing_ok=True)
     try:
@@ -443,9 +445,11 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     remember(record)  # the intent, before anything runs
     faults.hit("before-spawn")
     if restore_from is not None:
-        incoming = os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC)
-        files.fds.append(incoming)
-        argv = [*argv, "-incoming", f"fd:{incoming}"]
+        saved = os.open(restore_from, os.O_RDONLY | os.O_CLOEXEC)
+        files.fds.append(saved)
+        argv = [*argv, "-incoming", f"fd:{saved}"]
+    elif incoming:
+        argv = [*argv, "-incoming", "defer"]
     pid = _spawn(argv, paths, files.who, files.fds)
     files.close(keep_copies=True)  # QEMU has its own: if it dies, its sockets close
     faults.hit("after-spawn")
@@ -454,7 +458,8 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
         remember(record)
         if restore_from is not None:
             faults.hit("mid-restore")
-        await _wait_up(record, paths, timeout=timeout, restoring=restore_from is not None)
+        await _wait_up(record, paths, timeout=timeout, restoring=restore_from is not None,
+                       incoming=incoming)
         files.loaded()
     except ControlError as err:
         await _kill(pid)
@@ -475,9 +480,10 @@ async def _launch(vm: VM, paths: VMPaths, *, source: str, paused: bool,
     return record
 
 
-async def _wait_up(record: Record, paths: VMPaths, *, timeout: float, restoring: bool
-                   ) -> None:
-    """Until QMP answers (and a restore has loaded); LaunchError if QEMU exits first."""
+async def _wait_up(record: Record, paths: VMPaths, *, timeout: float, restoring: bool,
+                   incoming: bool = False) -> None:
+    """Until QMP answers (and a restore has loaded; `incoming`: a QEMU waiting for a
+    migration is up as soon as it answers); LaunchError if QEMU exits first."""
     from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
     async for attempt in AsyncRetrying(
@@ -493,7 +499,7 @@ async def _wait_up(record: Record, paths: VMPaths, *, timeout: float, restoring:
                 raise LaunchError(f"vm '{record.name}': QEMU exited during {what}",
                                   argv=record.argv, exit_code=code,
                                   output=_tail(paths.qemu_log))
-            if await query_status(paths) == "inmigrate":
+            if await query_status(paths) == "inmigrate" and not incoming:
                 raise ControlError("still loading its saved state")
 
 
@@ -691,7 +697,34 @@ async def save(record: Record, paths: VMPaths, target: Path, *, timeout: float =
     return time.monotonic() - began
 
 
-async def _migration_done(client: QMPClient, *, timeout: float) -> None:
+async def listen_incoming(paths: VMPaths, host: str) -> str:
+    """A QEMU started with `incoming` listens on host (a port of its choosing): the
+    `tcp:` URI the source migrates to."""
+    await execute(paths, "migrate-incoming", {"uri": f"tcp:{host}:0"})
+    info = await execute(paths, "query-migrate")
+    for address in info.get("socket-address", []) if isinstance(info, dict) else []:
+        if address.get("type") == "inet" and address.get("port"):
+            return f"tcp:{host}:{address['port']}"
+    raise ControlError(f"QEMU did not say where it listens for the migration: {info!r}")
+
+
+async def migrate(record: Record, paths: VMPaths, uri: str, *, timeout: float
+                  ) -> dict[str, Any]:
+    """Live-migrate the guest to the QEMU listening at uri; the last `query-migrate`
+    (`downtime` and `total-time` in ms). Afterwards this QEMU holds a stopped copy
+    (postmigrate): end it with quit_qemu. On failure the guest goes on here."""
+    async with qmp(paths) as client:
+        try:
+            await client.execute("migrate", {"uri": uri})
+            return await _migration_done(client, timeout=timeout)
+        except Exception as err:
+            with contextlib.suppress(Exception):
+                await client.execute("migrate_cancel")
+            raise ControlError(f"vm '{record.name}': live migration to {uri} failed: "
+                               f"{err}") from err
+
+
+async def _migration_done(client: QMPClient, *, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = await client.execute("query-migrate")
@@ -699,7 +732,7 @@ async def _migration_done(client: QMPClient, *, timeout: float) -> None:
             raise ControlError(f"query-migrate answered {info!r}")
         status = info.get("status")
         if status == "completed":
-            return
+            return info
         if status in ("failed", "cancelled"):
             raise ControlError(f"migration {status}: {info.get('error-desc', 'no reason')}")
         await asyncio.sleep(SAVE_POLL)

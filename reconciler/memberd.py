@@ -14,9 +14,10 @@ import logging
 import threading
 from typing import Any
 
-from reconciler.cluster import ClusterError, Member
+from reconciler.cluster import ClusterError, Member, Move
 from reconciler.daemon import Watch
-from reconciler.loop import Report
+from reconciler.loop import Outcome, Report, Result
+from reconciler.plan import Kind
 
 log = logging.getLogger("reconciler")
 
@@ -56,7 +57,7 @@ async def run_member(member: Member, watch: Watch) -> None:
         loop.run_in_executor(None, _report, member, states)
 
     watch.on_report = on_report
-    await _sync(member, stop)  # the files are there before the daemon's first pass
+    await _sync(member, stop, watch)  # the files are there before the daemon's first pass
     daemon = asyncio.create_task(watch.run())
     try:
         while not daemon.done():
@@ -64,7 +65,7 @@ async def run_member(member: Member, watch: Watch) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), max(member.ttl / 2, 0.5))
             if not daemon.done():
-                await _sync(member, stop)
+                await _sync(member, stop, watch)
     finally:
         stop.set()  # the watch thread; the lease is renewed until member.leave()
         watch.stop()
@@ -72,11 +73,31 @@ async def run_member(member: Member, watch: Watch) -> None:
             await daemon
 
 
-async def _sync(member: Member, stop: threading.Event) -> None:
+async def _sync(member: Member, stop: threading.Event, watch: Watch) -> None:
     try:
-        await asyncio.to_thread(member.sync, stop)
+        moves = await asyncio.to_thread(lambda: member.moves(member.sync(stop)))
     except ClusterError as err:
         log.error("etcd: %s", err)
+        return
+    for move in moves:
+        if move.vm in watch.inflight.tasks:
+            continue  # this move's task (or another action) is under way
+        task = asyncio.ensure_future(_move(member, move))
+        watch.inflight.add(move.vm, f"migration ({move.role})", task)
+        watch.inflight.detach([task])  # its result goes into the next pass's report
+
+
+async def _move(member: Member, move: Move) -> Result:
+    kind = Kind.START if move.role == "in" else Kind.TERMINATE
+    reason = f"live migration {'from' if move.role == 'in' else 'to'} {move.peer}"
+    log.info("vm '%s': %s", move.vm, reason)
+    try:
+        detail = await (member.receive(move) if move.role == "in" else member.send(move))
+    except Exception as err:  # reported; the VM stays where it was
+        log.error("vm '%s': %s failed: %s", move.vm, reason, err)
+        return Result(move.vm, Outcome.FAILED, kind, reason, str(err))
+    log.info("vm '%s': %s", move.vm, detail)
+    return Result(move.vm, Outcome.CHANGED, kind, reason, detail)
 
 
 def _report(member: Member, states: dict[str, dict[str, Any]]) -> None:
