@@ -211,9 +211,11 @@ def down(after: Arm, states: list[Path]) -> None:
             continue
         try:
             out, took = after.run(["down", "--state-dir", str(state)], timeout=300)
+            text = (out.stdout + out.stderr).strip()
+            why = [line for line in text.splitlines() if line.startswith("reconcile:")]
             print(f"cleanup: reconcile down {state.name} -> exit {out.returncode} in "
                   f"{took:.1f} s" + ("" if out.returncode == 0 else
-                                     ": " + (out.stdout + out.stderr).strip()[-500:]),
+                                     ": " + ("; ".join(why) or text[-500:])),
                   file=sys.stderr)
         except subprocess.TimeoutExpired:
             print(f"cleanup: reconcile down {state} timed out", file=sys.stderr)
