@@ -790,7 +790,7 @@ def _watch(args: argparse.Namespace) -> int:
 
             log.info("cluster member %s (etcd %s, state dir %s, pid %d)", member.host,
                      ",".join(member.store.urls), state.root, os.getpid())
-            await run_member(member, watch)
+            await run_member(member, watch, metrics)
         else:
             log.info("watching %s (state dir %s, pid %d)", args.path, state.root,
                      os.getpid())

@@ -51,7 +51,7 @@ from reconciler import desired as desired_mod
 from reconciler import fence, kvm
 from reconciler.desired import VM, Manifests
 from reconciler.observed import StateDir, is_alive
-from reconciler.placement import Host, Want, place
+from reconciler.placement import Host, Want, place, unfit
 
 log = logging.getLogger("reconciler")
 
@@ -511,8 +511,8 @@ class Scheduler:
 
     def _drain(self, view: View, wants: dict[str, Want], hosts: list[Host],
                placed: dict[str, str], now: float) -> None:
-        """Each VM of a draining host gets a target (one at a time per VM); a move
-        whose target is gone is called off."""
+        """Each VM of a draining host, and each VM whose `placement:` no longer allows
+        its host (an edit), gets a target; a move whose target is gone is called off."""
         store = self.store
         for name, entry in sorted(view.placement.items()):
             source, to = view.host_of(name), view.moving_to(name)
@@ -523,8 +523,12 @@ class Scheduler:
                            delete(store.key("migration", name))])
                 log.warning("vm '%s': move to %s called off: that host is gone", name, to)
                 continue
-            if to is not None or source not in view.drain or source not in view.hosts \
-                    or name not in wants or entry.value.get("move_failed"):
+            if to is not None or source not in view.hosts or name not in wants \
+                    or entry.value.get("move_failed"):
+                continue
+            here = view.hosts[source].value
+            misplaced = unfit(wants[name], Host(source, 0, 0, dict(here.get("labels") or {})))
+            if source not in view.drain and misplaced is None:
                 continue
             others = {n: h for n, h in placed.items() if n != name}
             decision = place([wants[name]], hosts, others)
@@ -541,7 +545,9 @@ class Scheduler:
                           exists(store.key("hosts", target))],
                          [put(store.key("placement", name), value)]):
                 placed[name] = target  # counts on the target from now on
-                log.info("vm '%s': moves from %s to %s (%s)", name, source, target, mode)
+                why = "draining" if misplaced is None else f"placement: {misplaced}"
+                log.info("vm '%s': moves from %s to %s (%s; %s)", name, source, target,
+                         mode, why)
 
     def _unschedulable(self, view: View, why: dict[str, str]) -> None:
         store = self.store

@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reconciler.cluster import ClusterError, Member, Move
+from reconciler.cluster import ClusterError, Member, Move, cluster_rows
 from reconciler.daemon import Watch
 from reconciler.loop import Outcome, Report, Result
 from reconciler.plan import Kind
+
+if TYPE_CHECKING:  # prometheus_client only with --metrics
+    from reconciler.metrics import Metrics
 
 log = logging.getLogger("reconciler")
 
@@ -28,7 +31,7 @@ def states_of(report: Report) -> dict[str, dict[str, Any]]:
             for name, state in sorted(report.states.items())}
 
 
-async def run_member(member: Member, watch: Watch) -> None:
+async def run_member(member: Member, watch: Watch, metrics: Metrics | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     poke = asyncio.Event()
@@ -57,7 +60,7 @@ async def run_member(member: Member, watch: Watch) -> None:
         loop.run_in_executor(None, _report, member, states)
 
     watch.on_report = on_report
-    await _sync(member, stop, watch)  # the files are there before the daemon's first pass
+    await _sync(member, stop, watch, metrics)  # files there before the daemon's first pass
     daemon = asyncio.create_task(watch.run())
     try:
         while not daemon.done():
@@ -65,7 +68,7 @@ async def run_member(member: Member, watch: Watch) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), max(member.ttl / 2, 0.5))
             if not daemon.done():
-                await _sync(member, stop, watch)
+                await _sync(member, stop, watch, metrics)
     finally:
         stop.set()  # the watch thread; the lease is renewed until member.leave()
         watch.stop()
@@ -73,12 +76,22 @@ async def run_member(member: Member, watch: Watch) -> None:
             await daemon
 
 
-async def _sync(member: Member, stop: threading.Event, watch: Watch) -> None:
+async def _sync(member: Member, stop: threading.Event, watch: Watch,
+                metrics: Metrics | None) -> None:
     try:
-        moves = await asyncio.to_thread(lambda: member.moves(member.sync(stop)))
+        view = await asyncio.to_thread(member.sync, stop)
+        moves = await asyncio.to_thread(member.moves, view)
     except ClusterError as err:
         log.error("etcd: %s", err)
         return
+    if metrics is not None:
+        hosts, _ = cluster_rows(view)
+        metrics.observe_cluster(
+            {"alive": sum(h["lease"] == "alive" for h in hosts),
+             "lost": sum(h["lease"] == "lost" for h in hosts),
+             "draining": sum(bool(h["draining"]) for h in hosts)},
+            len(view.unschedulable), placed=member.scheduler.placed_total,
+            failovers=member.scheduler.moved_total)
     for move in moves:
         if move.vm in watch.inflight.tasks:
             continue  # this move's task (or another action) is under way

@@ -40,10 +40,31 @@ class Metrics:
                                      registry=self.registry)
         for state in STATES:
             self.vms.labels(state=state)
+        # A cluster member's (--etcd): the cluster as this member last read it.
+        self.hosts = Gauge("reconciler_hosts", "Cluster hosts by lease state", ["state"],
+                           registry=self.registry)
+        self.placements = Counter("reconciler_placements",
+                                  "VMs placed by this member while it was the scheduler",
+                                  ["kind"], registry=self.registry)
+        self.unschedulable = Gauge("reconciler_unschedulable",
+                                   "VMs no live host takes", registry=self.registry)
+        self._counted = {"placed": 0, "failover": 0}
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+
+    def observe_cluster(self, hosts: dict[str, int], unschedulable: int, *, placed: int,
+                        failovers: int) -> None:
+        """hosts: how many are alive, lost, draining; placed/failovers: this member's
+        scheduler's totals so far."""
+        for state in ("alive", "lost", "draining"):
+            self.hosts.labels(state=state).set(hosts.get(state, 0))
+        self.unschedulable.set(unschedulable)
+        for kind, total in (("placed", placed), ("failover", failovers)):
+            if total > self._counted[kind]:
+                self.placements.labels(kind=kind).inc(total - self._counted[kind])
+                self._counted[kind] = total
 
     def observe(self, report: Report, seconds: float) -> None:
         self.passes.inc()

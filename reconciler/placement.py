@@ -62,13 +62,20 @@ def loads(wants: Mapping[str, Want], placed: Mapping[str, str]) -> dict[str, _Lo
     return found
 
 
-def refusal(want: Want, host: Host, load: _Load) -> str | None:
-    """Why host cannot take want (None: it can)."""
+def unfit(want: Want, host: Host) -> str | None:
+    """Why want's placement: rules out host, whatever its load (None: they do not)."""
     if want.host is not None and want.host != host.name:
         return f"not {want.host}"
     for key, value in want.labels.items():
         if host.labels.get(key) != value:
             return f"no label {key}={value}"
+    return None
+
+
+def refusal(want: Want, host: Host, load: _Load) -> str | None:
+    """Why host cannot take want (None: it can)."""
+    if (why := unfit(want, host)) is not None:
+        return why
     free_memory, free_vcpus = host.memory - load.memory, host.vcpus - load.vcpus
     if want.memory > free_memory:
         return f"{max(free_memory, 0)} MiB free, needs {want.memory}"

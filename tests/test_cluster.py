@@ -120,7 +120,8 @@ class Cluster:
                 ["ip", "netns", "exec", member.ns, sys.executable, "-m", "reconciler",
                  "--etcd", ETCD, "--host", name, "--state-dir", str(member.state),
                  "--reserve", f"{reserve}M", "--vcpus", "4", "--lease-ttl", str(TTL),
-                 "--fence-grace", str(GRACE), "--resync", "5", "--address", member.address],
+                 "--fence-grace", str(GRACE), "--resync", "5", "--address", member.address,
+                 "--metrics", "127.0.0.1:9477"],  # its own namespace's loopback
                 stdout=log, stderr=log, start_new_session=True)
 
     def term(self, name: str) -> None:
@@ -306,6 +307,14 @@ def test_push_places_six_vms_by_capacity_and_they_run(
     hosts_table = {str(h["host"]): h for h in cluster.status()["hosts"]}
     assert {h: hosts_table[h]["lease"] for h in OFFERS} == {h: "alive" for h in OFFERS}
     assert sum(bool(h["scheduler"]) for h in hosts_table.values()) == 1
+    scheduler = next(h for h, row in hosts_table.items() if row["scheduler"])
+    scraped = subprocess.run(
+        ["ip", "netns", "exec", cluster.members[scheduler].ns, sys.executable, "-c",
+         "import urllib.request; print(urllib.request.urlopen("
+         "'http://127.0.0.1:9477/metrics', timeout=10).read().decode())"],
+        capture_output=True, text=True, timeout=30).stdout
+    assert 'reconciler_hosts{state="alive"} 3.0' in scraped, scraped
+    assert 'reconciler_placements_total{kind="placed"} 6.0' in scraped, scraped
     assert not cluster.violations, cluster.violations
 
 
@@ -443,7 +452,8 @@ def uptime(cluster: Cluster, member: str, name: str) -> float:
     return float(pattern.findall(serial(state, name))[-1])
 
 
-def test_drain_live_migrates_running_vms_and_the_guest_carries_on(cluster: Cluster) -> None:
+def test_drain_live_migrates_running_vms_and_the_guest_carries_on(
+        cluster: Cluster, guest: Path) -> None:
     source = "m2"
     vms = cluster.vms()
     theirs = sorted(n for n, v in vms.items() if v["host"] == source)
@@ -473,6 +483,18 @@ def test_drain_live_migrates_running_vms_and_the_guest_carries_on(cluster: Clust
     undo = cluster.run(cluster.etcd_ns, "drain", source, "--undo", "--etcd", ETCD,
                        "--state-dir", cluster.root / "pusher")
     assert undo.code == 0, str(undo)
+    # A placement edit moves it back, live too.
+    edited = {**SIX, name: {**SIX[name], "placement": f"{{host: {source}}}"}}
+    cluster.migrating.add(name)
+    try:
+        pushed = cluster.push(manifests(cluster.root / "desired", guest, edited))
+        assert pushed.code == 0 and " changed" in pushed.out, str(pushed)
+        back = wait_ready(cluster, {name}, timeout=60, not_on=target)
+    finally:
+        cluster.migrating.discard(name)
+    assert back[name]["host"] == source and back[name]["migrated"], back[name]
+    assert uptime(cluster, source, name) > after
+    assert all(len(w) == 1 for w in cluster.where().values()), cluster.where()
     assert not cluster.violations, cluster.violations
 
 
