@@ -161,7 +161,10 @@ class Cluster:
             path = self.state(name) / "vms" / vm / "record.json"
             with contextlib.suppress(OSError, ValueError):
                 found = json.loads(path.read_text())
-                if found.get("pid", 0) > 0 and found.get("exit") is None:
+                pid = found.get("pid", 0)
+                # A killed member leaves records naming dead processes (or zombies).
+                if pid > 0 and found.get("exit") is None \
+                        and Path(f"/proc/{pid}/cmdline").read_bytes():
                     return name, found
         return None
 

@@ -45,6 +45,7 @@ from reconciler.observed import (
 from reconciler.plan import (
     BACKOFF_RESET_AFTER,
     FREEING,
+    READY_RECHECK,
     STARTING,
     Action,
     Kind,
@@ -180,6 +181,14 @@ async def reconcile_once(
     if wait:
         report.results = await _wait_ready(state, report.results)
     report.states = _states_after(report.results, loaded.vms, seen, now=now)
+    # A VM started now with a `ready:` probe is looked at again soon, not only at the
+    # next resync: its readiness (status, a cluster's report, priority groups) follows.
+    started = [r.vm for r in report.results if r.outcome is Outcome.CHANGED
+               and r.action in STARTING and r.vm in loaded.vms
+               and loaded.vms[r.vm].vm.ready is not None]
+    if started:
+        again = time.time() + READY_RECHECK
+        report.retry_at = min(report.retry_at or again, again)
     return report
 
 
