@@ -161,6 +161,9 @@ def _main_parser() -> argparse.ArgumentParser:
                              "before its failover VMs start elsewhere (default 5)")
     parser.add_argument("--vcpus", type=_positive_int, default=None, metavar="N",
                         help="with --etcd: vCPUs this host offers (default: its CPUs)")
+    parser.add_argument("--shared-dir", type=Path, default=None, metavar="DIR",
+                        help="with --etcd: storage every host reaches at the same path; a "
+                             "VM that cannot move live moves through a saved state there")
     parser.add_argument("--address", default=None, metavar="ADDR",
                         help="with --etcd: this host's address for migrations")
     _common(parser)
@@ -771,7 +774,8 @@ def _watch(args: argparse.Namespace) -> int:
         member = Member(_store(args), args.host, state, labels=dict(args.label),
                         ttl=args.lease_ttl, reserve=args.reserve // 2**20,
                         fence_grace=args.fence_grace, address=args.address,
-                        vcpus=args.vcpus, allow_dirs=_allowed(args, say=False))
+                        vcpus=args.vcpus, allow_dirs=_allowed(args, say=False),
+                        shared_dir=args.shared_dir)
         args.path = member.manifests
 
     async def run() -> None:

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 from reconciler import desired as desired_mod
 from reconciler import fence, kvm
 from reconciler.desired import VM, Manifests
-from reconciler.observed import StateDir, is_alive
+from reconciler.observed import Record, StateDir, is_alive
 from reconciler.placement import Host, Want, place, unfit
 
 log = logging.getLogger("reconciler")
@@ -277,8 +277,10 @@ def push_errors(loaded: Manifests, shared_dirs: Sequence[Path]) -> list[str]:
     """What --once would accept but a cluster cannot run."""
     errors = [str(e) for e in loaded.errors]
     for name, switch in sorted(loaded.switches.items()):
-        errors.append(f"{switch.file}:{switch.line}: switch '{name}': switches are per host; "
-                      "with --etcd use interfaces on host bridges")
+        if switch.switch.local:
+            errors.append(f"{switch.file}:{switch.line}: switch '{name}': mode: local "
+                          "(gateway, DHCP, NAT) is per host, not with --etcd; a plain "
+                          "bridge (mode: bridge) is made on every host")
     shared = [os.path.realpath(d) for d in shared_dirs]
     for name, decl in sorted(loaded.vms.items()):
         vm = decl.vm
@@ -296,6 +298,8 @@ def push_errors(loaded: Manifests, shared_dirs: Sequence[Path]) -> list[str]:
 
 @dataclass(frozen=True)
 class PushPlan:
+    """Keys relative to the prefix: vms/NAME and switches/NAME."""
+
     added: list[str]
     changed: list[str]
     removed: list[str]
@@ -314,10 +318,15 @@ def _under(path: Path, tops: Sequence[str]) -> bool:
 
 def plan_push(store: Store, loaded: Manifests, shared_dirs: Sequence[Path] = ()) -> PushPlan:
     shared = [os.path.realpath(d) for d in shared_dirs]
-    values = {name: {"spec": document(d.vm), "source": f"{d.file}:{d.line}",
-                     "shared": all(_under(disk.path, shared) for disk in d.vm.disks)}
-              for name, d in loaded.vms.items()}
-    current, _ = store.range("vms/")
+    values: dict[str, dict[str, Any]] = {
+        f"vms/{name}": {"spec": document(d.vm), "source": f"{d.file}:{d.line}",
+                        "shared": all(_under(disk.path, shared) for disk in d.vm.disks)}
+        for name, d in loaded.vms.items()}
+    values.update({f"switches/{name}": {
+        "spec": d.switch.model_dump(mode="json", exclude_unset=True),
+        "source": f"{d.file}:{d.line}"} for name, d in loaded.switches.items()})
+    current = {f"{part}/{name}": entry for part in ("vms", "switches")
+               for name, entry in store.range(f"{part}/")[0].items()}
     meta = store.get("push")
     return PushPlan(
         added=sorted(set(values) - set(current)),
@@ -328,10 +337,10 @@ def plan_push(store: Store, loaded: Manifests, shared_dirs: Sequence[Path] = ())
 
 def push(store: Store, plan: PushPlan, *, commit: str | None) -> bool:
     """Write the plan in one transaction; False if another push came first."""
-    ops = [put(store.key("vms", n), plan.values[n]) for n in plan.added + plan.changed]
-    ops += [delete(store.key("vms", n)) for n in plan.removed]
+    ops = [put(store.key(n), plan.values[n]) for n in plan.added + plan.changed]
+    ops += [delete(store.key(n)) for n in plan.removed]
     ops.append(put(store.key("push"), {"commit": commit, "at": time.time(),
-                                       "vms": len(plan.values)}))
+                                       "vms": sum(n.startswith("vms/") for n in plan.values)}))
     return store.txn([unchanged(store.key("push"), plan.revision)], ops)
 
 
@@ -371,6 +380,7 @@ class View:
     armed: dict[str, Entry]
     drain: dict[str, Entry]
     migration: dict[str, Entry]
+    switches: dict[str, Entry]
     scheduler: Entry | None
     revision: int
 
@@ -379,7 +389,7 @@ class View:
         everything, revision = store.range("")
         parts: dict[str, dict[str, Entry]] = {
             k: {} for k in ("vms", "hosts", "placement", "unschedulable", "lost", "status",
-                            "armed", "drain", "migration")}
+                            "armed", "drain", "migration", "switches")}
         scheduler = None
         for key, entry in everything.items():
             head, _, name = key.lstrip("/").partition("/")
@@ -537,9 +547,14 @@ class Scheduler:
                 self._unschedulable(view, {name: "cannot leave draining host "
                                            f"{source}: " + decision.unschedulable[name]})
                 continue
-            live = view.running(name) and migratable(view.vms[name].value) \
+            pushed, running = view.vms[name].value, view.running(name)
+            live = running and migratable(pushed) \
                 and bool(view.hosts[target].value.get("address"))
-            mode = "live" if live else "cold"
+            shared_dir = view.hosts[source].value.get("shared_dir")
+            save = running and bool(pushed.get("shared")) \
+                and not (pushed.get("spec") or {}).get("cloud_init") and bool(shared_dir) \
+                and shared_dir == view.hosts[target].value.get("shared_dir")
+            mode = "live" if live else "save" if save else "cold"
             value = {**entry.value, "to": target, "mode": mode, "at": now, "by": self.me}
             if store.txn([unchanged(store.key("placement", name), entry.mod_revision),
                           exists(store.key("hosts", target))],
@@ -642,6 +657,7 @@ class Member:
     fence_grace: float = 5.0
     address: str | None = None
     vcpus: int | None = None  # offered; default: this host's CPUs
+    shared_dir: Path | None = None  # storage every host reaches: saved states of moves
     allow_dirs: Sequence[Path] = ()  # --allow-dir, for VMs received live
     lease: int = 0
     scheduler: Scheduler = field(init=False)
@@ -661,7 +677,8 @@ class Member:
     def info(self) -> dict[str, Any]:
         memory, vcpus = capacity(self.reserve)
         return {"memory": memory, "vcpus": self.vcpus or vcpus, "labels": self.labels,
-                "address": self.address, "since": time.time(), "pid": os.getpid()}
+                "address": self.address, "since": time.time(), "pid": os.getpid(),
+                "shared_dir": str(self.shared_dir) if self.shared_dir else None}
 
     def register(self, stop: threading.Event) -> None:
         """Hold a lease with this host's key under it: the lease of this state dir's
@@ -768,6 +785,14 @@ class Member:
                       f"{self.host} by the cluster (etcd): do not edit\n")
             wanted[f"{name}.yaml"] = header + json.dumps(entry.value.get("spec") or {},
                                                          indent=2, sort_keys=True) + "\n"
+            saved = view.placement[name].value.get("saved")
+            if isinstance(saved, str) and f"{name}.yaml" not in self._present():
+                self._arrive_saved(name, entry.value.get("spec") or {}, saved,
+                                   view.placement[name].value)
+        for name, entry in view.switches.items():  # plain bridges: on every host
+            wanted[f"{name}.switch.yaml"] = (
+                f"# switch '{name}' pushed from {entry.value.get('source')}: do not edit\n"
+                + json.dumps(entry.value.get("spec") or {}, indent=2, sort_keys=True) + "\n")
         for path in self._manifest_files():
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
@@ -781,6 +806,30 @@ class Member:
             tmp = self.manifests / f".{filename}.tmp"
             tmp.write_text(text)
             os.replace(tmp, path)
+
+    def _present(self) -> set[str]:
+        return {p.name for p in self._manifest_files()}
+
+    def _arrive_saved(self, name: str, spec: dict[str, Any], saved: str,
+                      view_value: dict[str, Any]) -> None:
+        """A VM saved on its old host to shared storage: a record that says so comes
+        before its file, so the daemon's first pass restores it (no fresh boot)."""
+        records, _ = self.state.records()
+        if name in records or not Path(saved).is_file():
+            return
+        try:
+            vm = self._validated(name, spec)
+        except ClusterError as err:
+            log.error("%s", err)
+            return
+        moved = view_value.get("moved") or {}
+        self.state.write(Record(
+            name=name, spec=vm.spec(), spec_hash=vm.spec_hash(),
+            source=str(self.manifests / f"{name}.yaml"), pid=0, start_time=0,
+            started_at=time.time(), accel="", saved=saved,
+            # ready when saved there: ready when restored here (no second boot)
+            ready_at=moved.get("ready_at"), ready_passed=list(moved.get("ready_passed", []))))
+        log.info("vm '%s': arrives saved in %s; restored from there", name, saved)
 
     def _cold_moves(self, view: View) -> None:
         """A VM moving cold from here goes to its target once it has stopped here."""
@@ -826,7 +875,12 @@ class Member:
         found = []
         for name, entry in sorted(view.placement.items()):
             to, source = view.moving_to(name), view.host_of(name)
-            if to is None or entry.value.get("mode") != "live" or name not in view.vms:
+            mode = entry.value.get("mode")
+            if to is None or mode not in ("live", "save") or name not in view.vms:
+                continue
+            if mode == "save":
+                if source == self.host:
+                    found.append(Move(name, "save", to, entry.mod_revision))
                 continue
             if to == self.host and source is not None:
                 found.append(Move(name, "in", source, entry.mod_revision,
@@ -1014,7 +1068,9 @@ def cluster_rows(view: View, *, now: float | None = None) -> tuple[list[dict[str
             failed = view.placement[name].value.get("move_failed")
             if failed:
                 row["detail"] += f"; move failed: {failed}"
-        row["migrated"] = view.placement[name].value.get("migrated") \
-            if name in view.placement else None
+        placed = view.placement[name].value if name in view.placement else {}
+        row["migrated"] = placed.get("migrated")
+        row["via"] = None if "from" not in placed else "live" if placed.get("migrated") \
+            else "saved" if placed.get("saved") else "moved"
         vms.append(row)
     return hosts, vms

@@ -1029,23 +1029,25 @@ async def wait_ready(state: StateDir, name: str) -> tuple[str, bool]:
         await asyncio.sleep(READY_POLL)
 
 
-async def save_vm(state: StateDir, record: Record, network: Network) -> str:
-    """vmd's send: state to a file in the state dir, then the process ends."""
+async def save_vm(state: StateDir, record: Record, network: Network, *,
+                  target: Path | None = None) -> str:
+    """vmd's send: state to a file (in the state dir, or `target`), then the process
+    ends."""
     state.update(record.name, record.pid, stopping=True)
     paths = state.paths(record.name)
+    target = target or paths.saved_state
     try:
-        seconds = await kvm.save(record, paths, paths.saved_state)
+        seconds = await kvm.save(record, paths, target)
     except BaseException:  # the guest goes on: a later exit is not a stop of ours
         state.update(record.name, record.pid, stopping=False)
         raise
     # The file belongs to this pid: while it lives, the file is not a state to
     # restore but a save to finish (quit it); see observed.Interrupted.
-    state.update(record.name, record.pid, saved=str(paths.saved_state),
-                 saved_pid=record.pid)
+    state.update(record.name, record.pid, saved=str(target), saved_pid=record.pid)
     faults.hit("after-save")
     how = await kvm.quit_qemu(record, paths)
     await asyncio.to_thread(network.unplug, record)
-    return f"saved to {paths.saved_state} in {seconds:.2f}s; QEMU {how}"
+    return f"saved to {target} in {seconds:.2f}s; QEMU {how}"
 
 
 async def down(state: StateDir, *, save: bool = False) -> list[tuple[str, str]]:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.cluster import ClusterError, Member, Move, cluster_rows
 from reconciler.daemon import Watch
-from reconciler.loop import Outcome, Report, Result
+from reconciler.loop import Network, Outcome, Report, Result, save_vm
+from reconciler.observed import is_alive
 from reconciler.plan import Kind
 
 if TYPE_CHECKING:  # prometheus_client only with --metrics
@@ -101,16 +102,49 @@ async def _sync(member: Member, stop: threading.Event, watch: Watch,
 
 
 async def _move(member: Member, move: Move) -> Result:
-    kind = Kind.START if move.role == "in" else Kind.TERMINATE
-    reason = f"live migration {'from' if move.role == 'in' else 'to'} {move.peer}"
+    kind = Kind.START if move.role == "in" else Kind.SAVE if move.role == "save" \
+        else Kind.TERMINATE
+    reason = f"live migration from {move.peer}" if move.role == "in" \
+        else f"live migration to {move.peer}" if move.role == "out" \
+        else f"move to {move.peer} through a saved state"
     log.info("vm '%s': %s", move.vm, reason)
     try:
-        detail = await (member.receive(move) if move.role == "in" else member.send(move))
+        detail = await (member.receive(move) if move.role == "in" else member.send(move)
+                        if move.role == "out" else _save_out(member, move))
     except Exception as err:  # reported; the VM stays where it was
         log.error("vm '%s': %s failed: %s", move.vm, reason, err)
         return Result(move.vm, Outcome.FAILED, kind, reason, str(err))
     log.info("vm '%s': %s", move.vm, detail)
     return Result(move.vm, Outcome.CHANGED, kind, reason, detail)
+
+
+async def _save_out(member: Member, move: Move) -> str:
+    """Save the VM to the shared dir (vmd's send), then hand it over with the file."""
+    name = move.vm
+    records, _ = member.state.records()
+    record = records.get(name)
+    if record is None or not is_alive(record) or member.shared_dir is None:
+        await asyncio.to_thread(member.call_off, name, move.revision, "not running here")
+        raise ClusterError(f"vm '{name}' is not running here")
+    target = member.shared_dir / ".reconciler-moves" / f"{name}.state"
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    network = Network(member.state)
+    try:
+        detail = await save_vm(member.state, record, network, target=target)
+    except BaseException as err:
+        await asyncio.to_thread(member.call_off, name, move.revision, str(err))
+        raise
+    finally:
+        network.close()
+    # The file is the target's now: this record must not keep (or forget) it.
+    member.state.update(name, record.pid, saved=None, saved_pid=0)
+    handed = await asyncio.to_thread(member.depart, name, move.revision, move.peer, {
+        "saved": str(target), "moved": {"ready_at": record.ready_at,
+                                        "ready_passed": record.ready_passed}})
+    if not handed:
+        raise ClusterError(f"vm '{name}': saved to {target}, but its placement changed "
+                           "meanwhile; it is not restored anywhere by itself")
+    return f"{detail}; handed to {move.peer}"
 
 
 def _report(member: Member, states: dict[str, dict[str, Any]]) -> None:
