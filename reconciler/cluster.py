@@ -974,7 +974,7 @@ class Member:
     def _validated(self, name: str, spec: dict[str, Any]) -> VM:
         from pydantic import ValidationError
 
-        context = desired_mod._context(self.state.root)
+        context = desired_mod.validation_context(self.state.root)
         context["base_dir"] = self.manifests
         context["allow_dirs"] = tuple(os.path.realpath(d) for d in self.allow_dirs)
         try:

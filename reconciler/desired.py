@@ -175,7 +175,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 def _check_placement(written: str, state_dir: object, state_dirs: Sequence[str]) -> None:
     """Refuse a path in the state dir or a kernel tree, as written or with symlinks resolved.
 
-    state_dirs: the state dir as given and its realpath (`_context()`).
+    state_dirs: the state dir as given and its realpath (`validation_context()`).
     """
     valcache.note(written)
     real = os.path.realpath(written)
@@ -880,7 +880,7 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     """
     listing = manifest_files(root)
     read = [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
-    context = _context(state_dir)
+    context = validation_context(state_dir)
     context["allow_dirs"] = tuple(dict.fromkeys(os.path.realpath(d) for d in allow_dirs))
     if cache_dir is None:
         return _load(listing, read, context)
@@ -1006,7 +1006,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _context(state_dir: Path | None) -> dict[str, Any]:
+def validation_context(state_dir: Path | None) -> dict[str, Any]:
     """What the path validators need besides the value: the state dir as written and real."""
     if state_dir is None:
         return {}
