@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 from reconciler import desired as desired_mod
 from reconciler import fence, kvm
 from reconciler.desired import VM, Manifests
-from reconciler.observed import Record, StateDir, is_alive
+from reconciler.observed import Record, StateDir, atomic_write, is_alive
 from reconciler.placement import Host, Want, place, unfit
 
 log = logging.getLogger("reconciler")
@@ -95,7 +95,6 @@ class Store:
                 host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
                 timeout=timeout, api_path="/v3/"))
         self._current = 0
-        self._lock = threading.Lock()
 
     def key(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
@@ -137,31 +136,17 @@ class Store:
             "key": _b64(start), "range_end": _b64(end)}))
         entries = {}
         for kv in found.get("kvs", []):
-            name = _unb64(kv["key"]).decode()[len(base):]
-            try:
-                value = json.loads(_unb64(kv.get("value", "")))
-            except ValueError:
-                continue  # not ours: ignored, never trusted
-            if isinstance(value, dict):
-                entries[name] = Entry(value, int(kv.get("mod_revision", 0)),
-                                      int(kv.get("lease", 0)))
+            entry = _entry(kv)
+            if entry is not None:
+                entries[_unb64(kv["key"]).decode()[len(base):]] = entry
         return entries, int(found.get("header", {}).get("revision", 0))
 
     def get(self, *parts: str) -> Entry | None:
-        key = self.key(*parts)
-        return self.range_exact(key)
-
-    def range_exact(self, key: str) -> Entry | None:
-        found = self._call(lambda c: c.post(c.get_url("/kv/range"), json={
-            "key": _b64(key.encode())}))
-        for kv in found.get("kvs", []):
-            try:
-                value = json.loads(_unb64(kv.get("value", "")))
-            except ValueError:
-                return None
-            return Entry(value, int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))) \
-                if isinstance(value, dict) else None
-        return None
+        """The entry at prefix/parts..., or None (absent, or not a JSON object)."""
+        key = self.key(*parts).encode()
+        found = self._call(lambda c: c.post(c.get_url("/kv/range"), json={"key": _b64(key)}))
+        kvs = found.get("kvs", [])
+        return _entry(kvs[0]) if kvs else None
 
     def grant(self, ttl: int) -> int:
         found = self._call(lambda c: c.post(c.get_url("/lease/grant"), json={"TTL": ttl}))
@@ -211,6 +196,18 @@ def _unb64(text: str) -> bytes:
     import base64
 
     return base64.b64decode(text)
+
+
+def _entry(kv: dict[str, Any]) -> Entry | None:
+    """A key-value of etcd's as an Entry; None if its value is not a JSON object (not
+    ours: ignored, never trusted)."""
+    try:
+        value = json.loads(_unb64(kv.get("value", "")))
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    return Entry(value, int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
 
 
 def _next(key: bytes) -> bytes:
@@ -312,8 +309,9 @@ class PushPlan:
 
 
 def _under(path: Path, tops: Sequence[str]) -> bool:
+    """path, symlinks resolved, lies under one of tops (realpaths)."""
     real = os.path.realpath(path)
-    return any(real == top or real.startswith(top.rstrip("/") + "/") for top in tops)
+    return any(desired_mod.inside(real, top) for top in tops)
 
 
 def plan_push(store: Store, loaded: Manifests, shared_dirs: Sequence[Path] = ()) -> PushPlan:
@@ -424,6 +422,11 @@ class View:
         return str(found.get("state", "")).split(" ")[0] in ("running", "ready", "starting")
 
 
+def staying(placement: dict[str, Any]) -> dict[str, Any]:
+    """A placement value with its move taken off: the VM stays on its host."""
+    return {k: v for k, v in placement.items() if k not in ("to", "mode")}
+
+
 def migratable(value: dict[str, Any]) -> bool:
     """A pushed VM that can move live: its disks are all on shared storage, and it has
     no NICs or seed (their host side is not set up on a target yet)."""
@@ -527,9 +530,8 @@ class Scheduler:
         for name, entry in sorted(view.placement.items()):
             source, to = view.host_of(name), view.moving_to(name)
             if to is not None and to not in view.hosts and source in view.hosts:
-                value = {k: v for k, v in entry.value.items() if k not in ("to", "mode")}
                 store.txn([unchanged(store.key("placement", name), entry.mod_revision)],
-                          [put(store.key("placement", name), value),
+                          [put(store.key("placement", name), staying(entry.value)),
                            delete(store.key("migration", name))])
                 log.warning("vm '%s': move to %s called off: that host is gone", name, to)
                 continue
@@ -634,10 +636,10 @@ MIGRATION_TIMEOUT = 600.0
 
 @dataclass(frozen=True)
 class Move:
-    """One side of a live migration."""
+    """This host's side of a move under way: a live migration, or a save to hand over."""
 
     vm: str
-    role: str  # "in": this host receives it; "out": this host sends it
+    role: str  # "in"/"out": receives/sends a live migration; "save": saves it for the target
     peer: str  # the other host
     revision: int  # the placement's, when the move was written
     spec: dict[str, Any] = field(default_factory=dict)  # in: the VM's document
@@ -779,6 +781,7 @@ class Member:
     def _materialize(self, view: View) -> None:
         self.manifests.mkdir(parents=True, exist_ok=True, mode=0o700)
         mine = {name: e for name, e in view.vms.items() if self._mine(view, name)}
+        present = list(self._manifest_files())
         wanted = {}
         for name, entry in mine.items():
             header = (f"# vm '{name}' pushed from {entry.value.get('source')}, placed on "
@@ -786,14 +789,14 @@ class Member:
             wanted[f"{name}.yaml"] = header + json.dumps(entry.value.get("spec") or {},
                                                          indent=2, sort_keys=True) + "\n"
             saved = view.placement[name].value.get("saved")
-            if isinstance(saved, str) and f"{name}.yaml" not in self._present():
+            if isinstance(saved, str) and self.manifests / f"{name}.yaml" not in present:
                 self._arrive_saved(name, entry.value.get("spec") or {}, saved,
                                    view.placement[name].value)
         for name, entry in view.switches.items():  # plain bridges: on every host
             wanted[f"{name}.switch.yaml"] = (
                 f"# switch '{name}' pushed from {entry.value.get('source')}: do not edit\n"
                 + json.dumps(entry.value.get("spec") or {}, indent=2, sort_keys=True) + "\n")
-        for path in self._manifest_files():
+        for path in present:
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
         for filename, text in wanted.items():
@@ -803,12 +806,7 @@ class Member:
                     continue
             except OSError:
                 pass
-            tmp = self.manifests / f".{filename}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
-
-    def _present(self) -> set[str]:
-        return {p.name for p in self._manifest_files()}
+            atomic_write(path, text)
 
     def _arrive_saved(self, name: str, spec: dict[str, Any], saved: str,
                       view_value: dict[str, Any]) -> None:
@@ -865,13 +863,12 @@ class Member:
         entry = self.store.get("placement", name)
         if entry is None or entry.mod_revision != revision:
             return
-        value = {k: v for k, v in entry.value.items() if k not in ("to", "mode")}
         self.store.txn([unchanged(key, revision)],
-                       [put(key, {**value, "move_failed": why}),
+                       [put(key, {**staying(entry.value), "move_failed": why}),
                         delete(self.store.key("migration", name))])
 
     def moves(self, view: View) -> list[Move]:
-        """The live migrations this host takes part in now."""
+        """The moves this host takes part in now (live either side, or saving it)."""
         found = []
         for name, entry in sorted(view.placement.items()):
             to, source = view.moving_to(name), view.host_of(name)

@@ -181,11 +181,11 @@ def _check_placement(written: str, state_dir: object, state_dirs: Sequence[str])
     real = os.path.realpath(written)
     for candidate in dict.fromkeys((written, real)):
         via = "" if candidate == written else f" (a symlink to {clip(real)})"
-        if any(_inside(candidate, top) for top in state_dirs):
+        if any(inside(candidate, top) for top in state_dirs):
             raise ValueError(f"{clip(written)}{via} is inside the state dir {state_dir}; "
                              "keep disks and images elsewhere")
         for top in _SYSTEM_DIRS:
-            if _inside(candidate, top):
+            if inside(candidate, top):
                 raise ValueError(f"{clip(written)}{via} is under {top}; keep disks and "
                                  "images in regular files elsewhere")
 
@@ -196,13 +196,14 @@ def _check_allowed(written: str, roots: Sequence[str]) -> None:
         return
     valcache.note(written)
     real = os.path.realpath(written)
-    if not any(_inside(real, root) for root in roots):
+    if not any(inside(real, root) for root in roots):
         via = "" if real == written else f" (a symlink to {clip(real)})"
         raise ValueError(f"{clip(written)}{via} is outside the allowed dirs "
                          f"(--allow-dir {', '.join(roots)})")
 
 
-def _inside(path: str, top: str) -> bool:
+def inside(path: str, top: str) -> bool:
+    """path is top or lies under it (lexically: resolve symlinks first)."""
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
