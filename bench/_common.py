@@ -532,6 +532,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 
     return "\n".join(lines)
 
 
+def python_pass(env: dict[str, str] | None = None) -> float:
+    """One `python -c pass` with this interpreter: the baseline of start-up figures."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def before_after_table(labels: Sequence[tuple[str, str]],
+                       got: dict[str, dict[str, list[float]]], base: float) -> str:
+    """Median before and after of each (key, label), their difference, and each as a
+    ratio to base (the `python -c pass` median of the same run)."""
+    rows = []
+    for key, label in labels:
+        b, a = median(got["before"][key]), median(got["after"][key])
+        rows.append([label, ms(b), ms(a), f"{(a - b) * 1000:+.1f}", f"{b / base:.1f}x",
+                     f"{a / base:.1f}x"])
+    rows.append(["python -c pass (baseline)", ms(base), ms(base), "", "1.0x", "1.0x"])
+    return table(["figure (median)", "before ms", "after ms", "after-before",
+                  "before/pass", "after/pass"], rows)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -61,14 +61,15 @@ from _common import (
     REPO,
     BenchError,
     LogWatcher,
+    before_after_table,
     bytecode_env,
     command,
     export,
     finish,
     kill_qemu,
     median,
-    ms,
     precompile,
+    python_pass,
     read_record,
     recap,
     rev_before_adding,
@@ -76,7 +77,6 @@ from _common import (
     run_main,
     short_rev,
     stage_guest,
-    table,
     vm_manifest,
     wait_for_marker,
 )
@@ -221,12 +221,6 @@ def down(after: Arm, states: list[Path]) -> None:
             print(f"cleanup: reconcile down {state} timed out", file=sys.stderr)
 
 
-def python_pass(env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
-    return time.perf_counter() - t0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, metavar="N",
@@ -318,15 +312,8 @@ def main() -> int:
             baseline.append(python_pass(after.env))
 
         base = median(baseline)
-        rows = []
-        for key, label in labels.items():
-            b, a = median(got["before"][key]), median(got["after"][key])
-            rows.append([label, ms(b), ms(a), f"{(a - b) * 1000:+.1f}", f"{b / base:.1f}x",
-                         f"{a / base:.1f}x"])
-        rows.append(["python -c pass (baseline)", ms(base), ms(base), "", "1.0x", "1.0x"])
         print()
-        print(table(["figure (median)", "before ms", "after ms", "after-before",
-                     "before/pass", "after/pass"], rows))
+        print(before_after_table(list(labels.items()), got, base))
         print(f"\nmedians of {args.runs} rounds ({args.runs_200} for the {args.vms}-VM "
               "figures); wall time spawn to exit, interpreter start-up included")
         print("\nper round, ms (before / after):")

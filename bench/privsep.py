@@ -40,18 +40,18 @@ from _common import (
     REPO,
     BenchError,
     LogWatcher,
+    before_after_table,
     command,
     export,
     finish,
     kill_qemu,
     median,
-    ms,
     proc_status,
+    python_pass,
     rev_before_adding,
     run_main,
     short_rev,
     stage_guest,
-    table,
     vm_manifest,
     wait_for_marker,
 )
@@ -97,12 +97,6 @@ class Arm:
             raise BenchError(f"{self.name}: the no-op run was not one:\n{run.stdout}"
                              f"{run.stderr}")
         return took
-
-
-def python_pass() -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    return time.perf_counter() - t0
 
 
 def describe_qemu(pid: int) -> str:
@@ -153,17 +147,10 @@ def main() -> int:
                     print(describe_qemu(started["pid"]))
                 kill_qemu(started["pid"], str(started["state"]))
             baseline.append(python_pass())
-        base = median(baseline)
-        rows = []
-        for what, label in (("spawn", "launch -> QEMU spawned"),
-                            ("up", "launch -> guest up"), ("noop", "no-op --once")):
-            b, a = median(got["before"][what]), median(got["after"][what])
-            rows.append([label, ms(b), ms(a), f"{(a - b) * 1000:+.1f}", f"{b / base:.1f}x",
-                         f"{a / base:.1f}x"])
-        rows.append(["python -c pass (baseline)", ms(base), ms(base), "", "1.0x", "1.0x"])
         print()
-        print(table(["figure (median)", "before ms", "after ms", "after-before",
-                     "before/base", "after/base"], rows))
+        print(before_after_table([("spawn", "launch -> QEMU spawned"),
+                                  ("up", "launch -> guest up"), ("noop", "no-op --once")],
+                                 got, median(baseline)))
         return 0
     finally:
         finish(root, keep=args.keep)
