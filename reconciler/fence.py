@@ -32,7 +32,9 @@ def lease_file(state: StateDir) -> Path:
 
 def write_lease(state: StateDir, *, lease: int, ttl: int, deadline: float,
                 margin: float) -> None:
-    """Atomically: the lease held and the monotonic time before which it cannot end."""
+    """Atomically: the lease held and the monotonic time before which it cannot end.
+    Not observed.atomic_write: it runs after every renewal, and its fsync would stall
+    the next one on a busy disk; monotonic times mean nothing after a reboot anyway."""
     path = lease_file(state)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(".lease.json.tmp")
