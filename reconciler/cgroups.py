@@ -14,8 +14,10 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconciler.desired import Resources
+if TYPE_CHECKING:
+    from reconciler.desired import Resources
 
 SLICE = "reconciler.slice"
 MOUNTS = Path("/proc/self/mounts")

@@ -345,7 +345,7 @@ def _state(args: argparse.Namespace) -> StateDir:
 
 
 def _max_bytes(args: argparse.Namespace) -> int:
-    from reconciler.desired import DEFAULT_MAX_MANIFEST_BYTES
+    from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES
 
     size: int = args.max_manifest_size or DEFAULT_MAX_MANIFEST_BYTES
     return size

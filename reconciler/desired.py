@@ -29,7 +29,6 @@ import stat
 import warnings
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -48,23 +47,29 @@ from pydantic import (
 )
 
 from reconciler import valcache
-from reconciler.yamlfile import DEFAULT_MAX_MANIFEST_BYTES as DEFAULT_MAX_MANIFEST_BYTES
-from reconciler.yamlfile import MANIFEST_SUFFIXES as MANIFEST_SUFFIXES
-from reconciler.yamlfile import (
-    NULL_TAG,
-    STR_TAG,
-    Listing,
-    NodeError,
-    TooManyNodes,
-    clip,
-    shown,
-)
-from reconciler.yamlfile import ManifestError as ManifestError
+from reconciler.declared import QCOW2_MAGIC as QCOW2_MAGIC
+from reconciler.declared import Accel as Accel
+from reconciler.declared import Declared as Declared
+from reconciler.declared import DeclaredSwitch as DeclaredSwitch
+from reconciler.declared import DiskFormat as DiskFormat
+from reconciler.declared import Manifests as Manifests
+from reconciler.declared import OnChange as OnChange
+from reconciler.declared import Restart as Restart
+from reconciler.declared import State as State
+from reconciler.declared import host_routes as host_routes
+from reconciler.declared import load_context
+from reconciler.declared import parse_cpus as parse_cpus
+from reconciler.declared import validation_context as validation_context
+from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES as DEFAULT_MAX_MANIFEST_BYTES
+from reconciler.listing import MANIFEST_SUFFIXES as MANIFEST_SUFFIXES
+from reconciler.listing import Listing, clip, shown
+from reconciler.listing import ManifestError as ManifestError
+from reconciler.listing import manifest_files as manifest_files
+from reconciler.listing import read_manifest as read_manifest
+from reconciler.yamlfile import NULL_TAG, STR_TAG, NodeError, TooManyNodes
 from reconciler.yamlfile import check_document as check_document
 from reconciler.yamlfile import compose_documents as compose_documents
 from reconciler.yamlfile import construct as construct
-from reconciler.yamlfile import manifest_files as manifest_files
-from reconciler.yamlfile import read_manifest as read_manifest
 
 log = logging.getLogger("reconciler")
 
@@ -74,30 +79,6 @@ MAX_ERRORS_PER_FILE = 100  # then one line that says how many more
 MAX_DISKS = 16
 MAX_LOCAL_PREFIX = 29  # a local switch's subnet holds at least the gateway and 5 VMs
 MAX_CLOUD_INIT_FILE = 1 << 20  # user-data, network-config, key files: bytes
-
-
-class State(StrEnum):
-    RUNNING = "running"
-    STOPPED = "stopped"
-    PAUSED = "paused"
-    SAVED = "saved"  # memory and device state in a file, no process (vmd's send)
-
-
-class Restart(StrEnum):
-    ALWAYS = "always"
-    ON_FAILURE = "on-failure"
-    NEVER = "never"
-
-
-class OnChange(StrEnum):
-    RESTART = "restart"
-    DEFER = "defer"
-
-
-class Accel(StrEnum):
-    AUTO = "auto"
-    KVM = "kvm"
-    TCG = "tcg"
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,18})\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -227,23 +208,6 @@ def _resolve_file(value: Path, info: ValidationInfo) -> Path:
     return path
 
 
-MAX_CPU = 4095
-
-
-def parse_cpus(text: str) -> frozenset[int]:
-    """A CPU list as in taskset and cgroups ("0-1,3") -> the CPU numbers (pure)."""
-    cpus: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        first, dash, last = part.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
-            raise ValueError(f"must be a CPU list like 0-1,3 (got {shown(text)})")
-        low, high = int(first), int(last) if dash else int(first)
-        if low > high or high > MAX_CPU:
-            raise ValueError(f"{part}: not a CPU range (at most {MAX_CPU})")
-        cpus.update(range(low, high + 1))
-    return frozenset(cpus)
-
-
 class Boot(BaseModel):
     """Direct kernel boot (QEMU's -kernel, -initrd, -append) or firmware boot from a device."""
 
@@ -267,14 +231,6 @@ class Boot(BaseModel):
         if self.device is not None and (self.initrd is not None or self.cmdline):
             raise ValueError("initrd: and cmdline: go with kernel:, not with device:")
         return self
-
-
-QCOW2_MAGIC = b"QFI\xfb"  # a qcow2 image's first bytes
-
-
-class DiskFormat(StrEnum):
-    QCOW2 = "qcow2"
-    RAW = "raw"
 
 
 class Disk(BaseModel):
@@ -791,28 +747,6 @@ class VM(BaseModel):
         return self._hash
 
 
-@dataclass(frozen=True)
-class Declared:
-    """A valid VM document and where it was written."""
-
-    vm: VM
-    file: Path
-    line: int
-    # The line of each interfaces[i].switch (for "no such switch"); not the whole node
-    # graph, which would hold a few KiB per VM.
-    switch_lines: tuple[int, ...] = field(default=(), compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class DeclaredSwitch:
-    """A valid Switch document and where it was written."""
-
-    switch: Switch
-    file: Path
-    line: int
-    subnet_line: int = field(default=0, compare=False)
-
-
 class Settings(BaseModel):
     """One `kind: Settings` document: how the directory's VMs are started (vm.conf's
     `staggered start parallel N delay S`); --parallel and --stagger override it."""
@@ -853,61 +787,18 @@ class Deferred:
     context: dict[str, Any] = field(compare=False, repr=False)
 
 
-@dataclass
-class Manifests:
-    """Everything a manifest directory declares, and what is wrong with it."""
-
-    vms: dict[str, Declared] = field(default_factory=dict)
-    switches: dict[str, DeclaredSwitch] = field(default_factory=dict)
-    errors: list[ManifestError] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)  # the files that were read
-    empty: set[Path] = field(default_factory=set)  # files that hold no document at all
-    settings: Settings | None = None  # the directory's `kind: Settings`, if any
-
-    @property
-    def broken_files(self) -> set[Path]:
-        return {e.file for e in self.errors}
-
-
 def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
-         state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
-         cache_dir: Path | None = None) -> Manifests:
+         state_dir: Path | None = None, allow_dirs: Sequence[Path] = ()) -> Manifests:
     """Load and validate every manifest under root; collect every error.
 
     A file over max_bytes is an error, not read; no disk or image path may point
     into state_dir (nor /proc, /sys, /dev); with allow_dirs, every such path must lie
-    under one of them (symlinks resolved). With cache_dir, the result is kept there
-    and taken from there while nothing validation reads has changed (valcache).
+    under one of them (symlinks resolved). `reconciler.manifests.load` is the same
+    with the validation cache.
     """
     listing = manifest_files(root)
     read = [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
-    context = validation_context(state_dir)
-    context["allow_dirs"] = tuple(dict.fromkeys(os.path.realpath(d) for d in allow_dirs))
-    if cache_dir is None:
-        return _load(listing, read, context)
-    import pydantic
-
-    slot = (os.path.abspath(root), context, max_bytes)
-    try:
-        routes = Path("/proc/net/route").read_bytes()
-    except OSError:
-        routes = b""
-    key = valcache.key_of([
-        slot, valcache.package_stamp(), pydantic.VERSION, os.environ.get("HOME"), routes,
-        [str(e) for e in listing.errors],
-        *((str(p), hashlib.sha256(d).digest() if isinstance(d, bytes) else str(d))
-          for p, d in read)])
-    cache = valcache.Cache(cache_dir, repr(slot))
-    if isinstance(hit := cache.get(key), Manifests):
-        return hit
-    with valcache.noting() as noted:
-        result = _load(listing, read, context)
-    if any(d.vm.cloud_init is not None for d in result.vms.values()):
-        return result  # its texts may hold secrets: they go into the seed, nowhere else
-    for decl in result.vms.values():
-        decl.vm.spec_hash()  # kept with the entry: a hit needs no serializer either
-    cache.put(key, noted, result)
-    return result
+    return _load(listing, read, load_context(state_dir, allow_dirs))
 
 
 def _load(listing: Listing, read: list[tuple[Path, bytes | ManifestError | None]],
@@ -1007,15 +898,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def validation_context(state_dir: Path | None) -> dict[str, Any]:
-    """What the path validators need besides the value: the state dir as written and real."""
-    if state_dir is None:
-        return {}
-    written = os.path.normpath(state_dir.absolute())
-    return {"state_dir": written,
-            "state_dirs": tuple(dict.fromkeys((written, os.path.realpath(written))))}
-
-
 def _add_unique(seen: dict[str, Any], name: str, item: Declared | DeclaredSwitch,
                 errors: list[ManifestError], *, kind: str) -> None:
     """Names are unique across the directory: a second one is an error at both places."""
@@ -1029,30 +911,6 @@ def _add_unique(seen: dict[str, Any], name: str, item: Declared | DeclaredSwitch
     errors.append(ManifestError(
         other.file, other.line, f"name declared again at {item.file}:{item.line}",
         vm=name, kind=kind))
-
-
-def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[IPv4Network, str]]:
-    """The IPv4 routes of this network namespace as (destination, device), default
-    route left out."""
-    routes = []
-    try:
-        lines = table.read_text().splitlines()[1:]
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 8:
-            continue
-        try:
-            dest = int(fields[1], 16).to_bytes(4, "little")
-            mask = int(fields[7], 16).to_bytes(4, "little")
-            network = IPv4Network((int.from_bytes(dest, "big"),
-                                   bin(int.from_bytes(mask, "big")).count("1")), strict=False)
-        except ValueError:
-            continue
-        if network.prefixlen:
-            routes.append((network, fields[0]))
-    return routes
 
 
 def _subnet_overlaps(switches: dict[str, DeclaredSwitch], *,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler import faults, privsep, storage
-from reconciler.desired import VM, Accel
+from reconciler.declared import Accel
 from reconciler.observed import (
     MAX_SOCKET_PATH,
     Exit,
@@ -44,6 +44,8 @@ from reconciler.privsep import Handoff, Identity, PrivsepError
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
+
+    from reconciler.desired import VM
 
 # qemu.qmp and tenacity are imported where used: a start spawns QEMU first and pays
 # for them while QEMU boots; commands that never talk to QMP do not pay at all.

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from reconciler import cgroups, faults, kvm, probes
-from reconciler import desired as desired_mod
-from reconciler.desired import VM, Declared, State, Switch, parse_cpus
+from reconciler.declared import Declared, Manifests, State, host_routes, parse_cpus
+from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES
+from reconciler.manifests import load as load_manifests
 from reconciler.observed import (
     Exit,
     ExitReason,
@@ -53,6 +52,9 @@ from reconciler.plan import (
     plan,
 )
 from reconciler.specdiff import spec_diff
+
+if TYPE_CHECKING:
+    from reconciler.desired import VM, Switch
 
 log = logging.getLogger("reconciler")
 
@@ -117,7 +119,7 @@ class Report:
 async def reconcile_once(
     manifests: Path, state: StateDir, *, check: bool = False,
     parallel: int | None = None, wait: bool = False,
-    max_bytes: int = desired_mod.DEFAULT_MAX_MANIFEST_BYTES,
+    max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     allow_dirs: Sequence[Path] = (), diff: bool = False, stagger: float | None = None,
     inflight: Inflight | None = None, empty_ok: bool = False,
 ) -> Report:
@@ -130,8 +132,8 @@ async def reconcile_once(
     alone until they have. `empty_ok`: the directory is written by the reconciler
     itself (a cluster member's), so no manifests means no VMs, and they are pruned.
     """
-    loaded = desired_mod.load(manifests, state_dir=state.root, max_bytes=max_bytes,
-                              allow_dirs=allow_dirs, cache_dir=state.cache_dir)
+    loaded = load_manifests(manifests, state_dir=state.root, max_bytes=max_bytes,
+                            allow_dirs=allow_dirs, cache_dir=state.cache_dir)
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors and not empty_ok:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
@@ -334,7 +336,7 @@ def _count_silence(state: StateDir, seen: dict[str, ObservedVM], *, now: float) 
             state.update(vm.name, record.pid, qmp_failures=0, qmp_silent_since=None)
 
 
-def _not_prunable(manifests: Path, loaded: desired_mod.Manifests,
+def _not_prunable(manifests: Path, loaded: Manifests,
                   seen: dict[str, ObservedVM]) -> dict[str, str]:
     """Undeclared VMs that stay: a VM is pruned only on evidence.
 
@@ -676,6 +678,10 @@ class _Applier:
         decl, old = self.declared[action.vm], self.seen[action.vm].record
         assert old.saved is not None
         saved = Path(old.saved)
+        from pydantic import ValidationError
+
+        from reconciler.desired import VM
+
         try:  # the hardware it was saved with; a later pass applies any change
             hardware = VM.model_validate({**old.spec, **decl.vm.model_dump(
                 mode="json", include=set(VM.LIVE_FIELDS))}, context={"from_record": True})
@@ -873,7 +879,7 @@ class Network:
         net = self._open()
         ours = {s.bridge for s in local.values()}
         taken = [s.subnet for s in local.values() if s.subnet is not None]
-        taken += [n for n, dev in desired_mod.host_routes() if dev not in ours]
+        taken += [n for n, dev in host_routes() if dev not in ours]
         for name, switch in sorted(local.items()):
             if net.ensure_bridge(switch.bridge):
                 self.state.set_created_bridges(self.state.created_bridges() | {switch.bridge})
@@ -916,6 +922,8 @@ class Network:
             bridge, subnet = str(config.get("bridge", "")), _subnet(config.get("subnet"))
             if subnet is None or (bridge and net.exists(bridge) and net.bridge_ports(bridge)):
                 continue  # a VM still uses it: it goes when the VM has gone
+            from reconciler.desired import Switch
+
             switch = Switch(kind="Switch", name=entry.name, bridge=bridge, mode="local",
                             subnet=subnet, nat=bool(config.get("nat")),
                             dns=bool(config.get("dns")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -116,7 +117,19 @@ class Record:
 
     @classmethod
     def from_json(cls, text: str) -> Record:
-        """A record as written by to_json; every field's type is checked (pydantic)."""
+        """A record as written by to_json; every field's type is checked.
+
+        A record as to_json wrote it (every value already of its field's type) is
+        built directly; anything else goes to pydantic, which converts what it can and
+        says what is wrong, as it always did (and a pass that reads only our own
+        records does not import it)."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        found = _exact(cls, data)
+        if isinstance(found, Record):
+            return found
         record: Record = _record_adapter().validate_json(text)
         return record
 
@@ -126,6 +139,51 @@ def _record_adapter() -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(Record)
+
+
+# Record's (and Exit's) annotations -> the exact JSON values that are that type.
+_EXACT: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: type(v) is str,
+    "int": lambda v: type(v) is int,
+    "float": lambda v: type(v) is float,
+    "bool": lambda v: type(v) is bool,
+    "list[str]": lambda v: type(v) is list and all(type(x) is str for x in v),
+    "dict[str, Any]": lambda v: type(v) is dict,
+    "dict[str, str]": lambda v: type(v) is dict and all(type(x) is str for x in v.values()),
+}
+
+
+def _exact(kind: type[Any], data: Any) -> Any:
+    """kind (Record, Exit) built from JSON data whose every value is exactly of its
+    field's type, with no field unknown or missing without a default; None when not
+    so (pydantic then decides). Only annotations it knows: any other is None too."""
+    if type(data) is not dict:
+        return None
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    if not data.keys() <= fields.keys():
+        return None
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        annotation = str(fields[name].type)
+        if value is None and annotation.endswith(" | None"):
+            values[name] = None
+            continue
+        annotation = annotation.removesuffix(" | None")
+        if annotation == "Exit":
+            value = _exact(Exit, value)
+        elif annotation == "ExitReason":
+            value = ExitReason(value) if type(value) is str and value in _REASONS else None
+        elif not _EXACT.get(annotation, lambda v: False)(value):
+            return None
+        if value is None:
+            return None
+        values[name] = value
+    missing = [f for f in fields.values() if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return None if missing else kind(**values)
+
+
+_REASONS = frozenset(r.value for r in ExitReason)
 
 
 @dataclass(frozen=True)

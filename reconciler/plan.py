@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reconciler.desired import VM, OnChange, Restart, State
+from reconciler.declared import OnChange, Restart, State
 from reconciler.observed import (
     ExitReason,
     ObservedVM,
@@ -21,6 +21,9 @@ from reconciler.observed import (
     Status,
 )
 from reconciler.specdiff import show
+
+if TYPE_CHECKING:
+    from reconciler.desired import VM
 
 # Restarts after exits back off: the first at once, then 1 s doubling up to 5 min;
 # a VM that ran for 10 min before it ended starts over at once.

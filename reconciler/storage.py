@@ -15,8 +15,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconciler.desired import QCOW2_MAGIC, Disk
+from reconciler.declared import QCOW2_MAGIC
+
+if TYPE_CHECKING:
+    from reconciler.desired import Disk
 
 
 class StorageError(Exception):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reconciler.observed import (
+    Exit,
+    ExitReason,
     Record,
     StateDir,
     StateDirError,
@@ -153,3 +159,61 @@ def test_forget_removes_only_runtime_files_and_keeps_a_disk(tmp_path: Path) -> N
     (vm_dir / "disk.qcow2").write_text("precious")  # manifests refuse this; still kept
     state.forget("web")
     assert [p.name for p in vm_dir.iterdir()] == ["disk.qcow2"]
+
+
+# --- Reading records: built directly when exact, else by pydantic -------------------
+
+_texts = st.text(max_size=8)
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+_exits = st.builds(Exit, reason=st.sampled_from(list(ExitReason)), detail=_texts, at=_floats,
+                   requested=st.booleans())
+_records = st.builds(
+    Record, name=_texts, spec=st.dictionaries(_texts, st.integers() | _texts, max_size=3),
+    spec_hash=_texts, source=_texts, pid=st.integers(), start_time=st.integers(),
+    started_at=_floats, accel=_texts, argv=st.lists(_texts, max_size=3),
+    exit=st.none() | _exits, saved=st.none() | _texts, qmp_silent_since=st.none() | _floats,
+    limits=st.none() | st.dictionaries(_texts, _texts, max_size=2),
+    ready_passed=st.lists(_texts, max_size=2))
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | _floats | _texts,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_texts, kids, max_size=3),
+    max_leaves=6)
+
+
+def _by_pydantic(text: str) -> Record | str:
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        found: Record = TypeAdapter(Record).validate_json(text)
+    except ValidationError:
+        return "refused"
+    return found
+
+
+def _by_us(text: str) -> Record | str:
+    try:
+        return Record.from_json(text)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return "refused"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records)
+def test_a_record_as_written_reads_back_the_same_as_pydantic_reads_it(record: Record) -> None:
+    text = record.to_json()
+    assert _by_us(text) == _by_pydantic(text) == record
+
+
+@settings(max_examples=300, deadline=None)
+@given(_records, st.sampled_from([f.name for f in dataclasses.fields(Record)]) | _texts,
+       _json_values | _exits.map(dataclasses.asdict) | st.just("__drop__"))
+def test_a_changed_record_reads_as_pydantic_reads_it(record: Record, key: str,
+                                                     value: object) -> None:
+    """Whatever a record file holds: the same Record, or refused, as with pydantic."""
+    data = dataclasses.asdict(record)
+    if value == "__drop__":
+        data.pop(key, None)
+    else:
+        data[key] = value
+    text = json.dumps(data)
+    assert _by_us(text) == _by_pydantic(text)
