@@ -10,18 +10,25 @@ each model pickled whole for whatever else is asked of it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import pickle
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from reconciler import valcache
 from reconciler.declared import Frozen, Manifests, load_context
-from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES, manifest_files, read_manifest
+from reconciler.listing import (
+    DEFAULT_MAX_MANIFEST_BYTES,
+    Listing,
+    ManifestError,
+    manifest_files,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -31,11 +38,23 @@ if TYPE_CHECKING:
 FROZEN_CALLS = ("spec", "hardware", "spec_hash", "writable_disks")
 
 
-def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
-         state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
-         cache_dir: Path) -> Manifests:
-    """Load and validate every manifest under root (as desired.load), through the
-    cache in cache_dir."""
+# What `ahead` found or started, by cache file: (key, the hit or the child's pid).
+_ahead: dict[Path, tuple[str, Manifests | int]] = {}
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What validation reads of a manifest directory, and its cache key."""
+
+    listing: Listing
+    read: list[tuple[Path, bytes | ManifestError | None]]
+    context: dict[str, Any]
+    key: str
+    cache: valcache.Cache
+
+
+def _input(root: Path, *, max_bytes: int, state_dir: Path | None,
+           allow_dirs: Sequence[Path], cache_dir: Path) -> _Input:
     listing = manifest_files(root)
     read = [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
     context = load_context(state_dir, allow_dirs)
@@ -49,20 +68,84 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         [str(e) for e in listing.errors],
         *((str(p), hashlib.sha256(d).digest() if isinstance(d, bytes) else str(d))
           for p, d in read)])
-    cache = valcache.Cache(cache_dir, repr(slot))
-    if isinstance(hit := cache.get(key), Manifests):
+    return _Input(listing, read, context, key, valcache.Cache(cache_dir, repr(slot)))
+
+
+def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
+         state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
+         cache_dir: Path) -> Manifests:
+    """Load and validate every manifest under root (as desired.load), through the
+    cache in cache_dir (filled ahead by a child process when `ahead` started one)."""
+    given = _input(root, max_bytes=max_bytes, state_dir=state_dir, allow_dirs=allow_dirs,
+                   cache_dir=cache_dir)
+    key, found = _ahead.pop(given.cache.path, ("", None))
+    if isinstance(found, int):
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            os.waitpid(found, 0)
+    elif found is not None and key == given.key:
+        return found  # ahead's hit, a moment ago
+    if isinstance(hit := given.cache.get(given.key), Manifests):
         return hit
+    return _validate(given)
+
+
+def ahead(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
+          state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
+          cache_dir: Path) -> None:
+    """On a miss, validate in a child process (fork) that fills the cache, while this
+    one goes on importing the rest (the driver, asyncio, QMP); `load` then waits for
+    it and takes the entry. Two cores do in parallel what one did in turn: the import
+    of pydantic and the models, and the validation, no longer precede the rest.
+    Nothing on a hit, when the result would not be cached (a `cloud_init`, as far as a
+    look at the bytes tells) or when it cannot fork: `load` validates then, as always.
+    """
+    given = _input(root, max_bytes=max_bytes, state_dir=state_dir, allow_dirs=allow_dirs,
+                   cache_dir=cache_dir)
+    if given.cache.path in _ahead or any(isinstance(d, bytes) and b"cloud_init" in d
+                                         for _, d in given.read):
+        return
+    if isinstance(hit := given.cache.get(given.key), Manifests):
+        _ahead[given.cache.path] = (given.key, hit)
+        return
+    try:
+        ready, told = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return
+    if pid:
+        os.close(told)
+        os.read(ready, 1)  # the child has let go of our files (the state dir's lock)
+        os.close(ready)
+        _ahead[given.cache.path] = (given.key, pid)
+        return
+    try:  # the child: holding nothing of the parent's, quiet, and gone without
+        # running the parent's exit handlers
+        os.closerange(3, told)
+        os.closerange(told + 1, os.sysconf("SC_OPEN_MAX"))
+        os.write(told, b".")
+        os.close(told)
+        quiet = os.open(os.devnull, os.O_RDWR)
+        os.dup2(quiet, 0)
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        _validate(given)
+    finally:
+        os._exit(0)
+
+
+def _validate(given: _Input) -> Manifests:
+    """Validate (importing the models), and keep the result in the cache if it may be."""
     from reconciler import desired
 
     with valcache.noting() as noted:
-        result = desired._load(listing, read, context)
+        result = desired._load(given.listing, given.read, given.context)
     if any(d.vm.cloud_init is not None for d in result.vms.values()):
         return result  # its texts may hold secrets: they go into the seed, nowhere else
     try:
         kept = freeze(result)
     except Exception:  # something that does not pickle: only no cache
         return result
-    cache.put(key, noted, kept)
+    given.cache.put(given.key, noted, kept)
     return result
 
 

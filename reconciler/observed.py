@@ -12,7 +12,6 @@ atomic (temp file + rename); one reconciler at a time holds the dir's lock.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -676,6 +675,8 @@ async def observe(state: StateDir, query_status: QueryStatus, *, now: float,
     Problems are reported, not raised. A QEMU that runs for a VM whose record does
     not name it (a start killed between spawn and record) is found and adopted.
     """
+    import asyncio  # here: `reconcile` imports this module before it needs asyncio
+
     records, problems = state.records()
     problems.update(await asyncio.to_thread(_recordless_qemus, state, set(records)))
 

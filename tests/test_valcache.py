@@ -186,7 +186,8 @@ def test_a_noop_once_from_the_cache_imports_neither_pydantic_nor_yaml(
         tree: Path, tmp_path: Path) -> None:
     """What makes the cached no-op fast, checked without timing it: the run that finds
     its manifests in the cache never imports pydantic, PyYAML or the models (a record
-    read back is built without pydantic too)."""
+    read back is built without pydantic too), nor does one that misses (a child
+    validates), unless the cache cannot be written."""
     state = tmp_path / "state"
     (tree / "vms.yaml").write_text(MANIFEST.replace("name: web-1", "name: web-1\nstate: stopped"))
     script = (
@@ -199,10 +200,68 @@ def test_a_noop_once_from_the_cache_imports_neither_pydantic_nor_yaml(
         "print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in "
         "('pydantic', 'pydantic_core', 'yaml') or m == 'reconciler.desired'))\n")
     argv = [sys.executable, "-c", script, "--once", str(tree), "--state-dir", str(state)]
+    blocked = [*argv[:-1], str(tmp_path / "blocked")]
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "cache").write_text("no cache here: the run validates itself")
+    uncached = subprocess.run(blocked, capture_output=True, text=True, timeout=60)
+    assert "recap: 1 ok" in uncached.stdout, uncached.stdout + uncached.stderr
+    assert "'pydantic'" in uncached.stdout.rpartition("imported:")[2]  # validating needs it
+    assert "'yaml'" in uncached.stdout.rpartition("imported:")[2]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert "recap: 1 ok" in first.stdout, first.stdout + first.stderr
-    assert "'pydantic'" in first.stdout.rpartition("imported:")[2]  # validating needs it
-    assert "'yaml'" in first.stdout.rpartition("imported:")[2]
+    assert "imported: []" in first.stdout  # a miss: validated ahead, in a child
     assert "recap: 1 ok" in second.stdout, second.stdout + second.stderr
-    assert "imported: []" in second.stdout
+    assert "imported: []" in second.stdout  # a hit
+
+
+def _ahead_then_load(tree: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    """manifests.ahead, then load, in a process of their own: what the parent imported
+    and what it loaded."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from reconciler import manifests\n"
+        "from reconciler.observed import StateDir\n"
+        "tree, state = Path(sys.argv[1]), StateDir(Path(sys.argv[2]))\n"
+        "with state.locked():\n"
+        "    manifests.ahead(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
+        "with state.locked():  # the child never holds the lock\n"
+        "    pass\n"
+        "got = manifests.load(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
+        "print('pydantic:', 'pydantic' in sys.modules)\n"
+        "print('errors:', [str(e) for e in got.errors])\n"
+        "print('specs:', sorted((n, d.vm.spec_hash()) for n, d in got.vms.items()))\n")
+    return subprocess.run([sys.executable, "-c", script, str(tree), str(state)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_miss_validated_ahead_in_a_child_is_what_validating_gives(
+        tree: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    expected = desired.load(tree, state_dir=state)
+    specs = sorted((n, d.vm.spec_hash()) for n, d in expected.vms.items())
+    out = _ahead_then_load(tree, state)
+    assert out.returncode == 0, out.stderr
+    assert "pydantic: False" in out.stdout  # the child validated, the parent did not
+    assert f"specs: {specs}" in out.stdout and "errors: []" in out.stdout
+    (tree / "vms.yaml").write_text(MANIFEST.replace("boot: {kernel: vmlinuz}",
+                                                    "boot: {kernel: nowhere}"))
+    out = _ahead_then_load(tree, state)
+    assert "pydantic: False" in out.stdout and "specs: []" in out.stdout
+    assert "file not found" in out.stdout  # the error, as validating gives it
+
+
+def test_when_the_child_cannot_keep_its_result_the_parent_validates(
+        tree: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cache").write_text("a file where the cache dir would go")
+    out = _ahead_then_load(tree, state)
+    assert out.returncode == 0, out.stderr
+    assert "pydantic: True" in out.stdout and "('web-1'," in out.stdout
+    (tree / "seeded.yaml").write_text(SEEDED)  # not cached (secrets): no child at all
+    (state / "cache").unlink()
+    out = _ahead_then_load(tree, state)
+    assert "pydantic: True" in out.stdout and "('web-2'," in out.stdout
+    assert not (state / "cache").exists()
