@@ -8,6 +8,8 @@ the tests), `hit()` costs one dictionary lookup.
 
 The points, in the order a VM's life meets them:
 
+    after-ahead     a miss: the child that validates ahead is forked, and runs on
+    mid-validation  (in that child) validated, the result not yet kept in the cache
     before-spawn    the start record (intent) is written, QEMU is not yet spawned
     after-spawn     QEMU is spawned, its pid is not yet in the record
     mid-terminate   the power button was pressed, the VM has not ended yet
@@ -23,8 +25,8 @@ import os
 import signal
 
 ENV = "RECONCILER_FAULT"
-POINTS = frozenset({"before-spawn", "after-spawn", "mid-terminate", "mid-save",
-                    "after-save", "mid-restore", "after-restore"})
+POINTS = frozenset({"after-ahead", "mid-validation", "before-spawn", "after-spawn",
+                    "mid-terminate", "mid-save", "after-save", "mid-restore", "after-restore"})
 
 
 def hit(point: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from reconciler import valcache
+from reconciler import faults, valcache
 from reconciler.declared import Frozen, Manifests, load_context
 from reconciler.listing import (
     DEFAULT_MAX_MANIFEST_BYTES,
@@ -117,6 +117,7 @@ def ahead(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         os.read(ready, 1)  # the child has let go of our files (the state dir's lock)
         os.close(ready)
         _ahead[given.cache.path] = (given.key, pid)
+        faults.hit("after-ahead")
         return
     try:  # the child: holding nothing of the parent's, quiet, and gone without
         # running the parent's exit handlers
@@ -128,12 +129,12 @@ def ahead(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         os.dup2(quiet, 0)
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
-        _validate(given)
+        _validate(given, child=True)
     finally:
         os._exit(0)
 
 
-def _validate(given: _Input) -> Manifests:
+def _validate(given: _Input, *, child: bool = False) -> Manifests:
     """Validate (importing the models), and keep the result in the cache if it may be."""
     from reconciler import desired
 
@@ -145,6 +146,8 @@ def _validate(given: _Input) -> Manifests:
         kept = freeze(result)
     except Exception:  # something that does not pickle: only no cache
         return result
+    if child:
+        faults.hit("mid-validation")
     given.cache.put(given.key, noted, kept)
     return result
 

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1  # bump when the pickled classes change shape
+FORMAT = 2  # bump when the pickled classes change shape (2: models kept as Frozen)
 _PACKAGE = Path(__file__).resolve().parent
 
 # The paths validation looked at: path -> whether its content mattered (True) or only

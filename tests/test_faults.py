@@ -165,6 +165,26 @@ def test_a_start_killed_around_the_spawn_ends_with_one_qemu(vm: Scenario, point:
     assert sha256(vm.disk) == vm.disk_sha
 
 
+@pytest.mark.parametrize("point", ["after-ahead", "mid-validation"])
+def test_a_validation_ahead_killed_loses_nothing(vm: Scenario, point: str) -> None:
+    """A miss validates ahead in a child. The reconciler killed while that child
+    still validates: the next run, at once, finds the state dir free (the child holds
+    nothing of its parent's). The child killed before it keeps its result: the
+    reconciler validates itself. Either way the VM starts once."""
+    vm.declare("running")
+    if point == "after-ahead":
+        vm.crash_at(point)
+        assert vm.qemus() == []
+        run = vm.run(check=0)  # at once: the child may be validating still
+    else:
+        run = vm.run(fault=point, check=0)  # only the child dies
+    assert vm_line(run, vm.name).startswith("changed  not running: started"), run
+    wait_for_serial(vm.state_dir, vm.name)
+    (pid,) = vm.qemus()
+    vm.converged("running")
+    assert vm.qemus() == [pid] and vm.boots() == 1
+
+
 def test_a_terminate_killed_midway_ends_stopped_with_no_qemu(vm: Scenario) -> None:
     pid = vm.started()
     vm.declare("stopped")
