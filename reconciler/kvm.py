@@ -251,10 +251,14 @@ async def qmp(paths: VMPaths, *, timeout: float = QMP_TIMEOUT) -> AsyncIterator[
     client = _client_class()(paths.dir.name)
     try:
         await asyncio.wait_for(client.connect(str(paths.qmp)), timeout)
-    except (QMPError, OSError, TimeoutError) as err:
+    except (QMPError, OSError, TimeoutError, AssertionError) as err:
+        # AssertionError: qemu.qmp's connect() asserts its session is running once
+        # established; a QEMU that quits at that moment (a VM ending while its power
+        # button is pressed again) fails the assertion instead of raising an error.
         with contextlib.suppress(Exception):
             await client.disconnect()
-        why = str(err) or "timed out"
+        why = str(err) or ("the session ended as it began"
+                           if isinstance(err, AssertionError) else "timed out")
         raise ControlError(f"cannot connect to QMP at {paths.qmp}: {why}") from err
     try:
         yield client

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from reconciler import kvm
 from reconciler.desired import VM, Accel
 from reconciler.kvm import choose_accel, opt
 from reconciler.kvm import qemu_argv as _qemu_argv
@@ -188,3 +190,48 @@ def test_waiting_zero_seconds_on_an_ended_process_says_it_ended() -> None:
             assert asyncio.run(_wait_exit(pidfd, 0)) is True
         finally:
             os.close(pidfd)
+
+
+# --- QMP: a QEMU that quits while a session begins --------------------------------
+
+GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                "package": ""}, "capabilities": []}}
+
+
+async def _hang_up_after_negotiation(reader: asyncio.StreamReader,
+                                     writer: asyncio.StreamWriter) -> None:
+    """A QMP server that quits (closes) right after answering qmp_capabilities, as a
+    QEMU ending at that moment does."""
+    writer.write(json.dumps(GREETING).encode() + b"\r\n")
+    await writer.drain()
+    asked = json.loads(await reader.read(4096))  # qmp_capabilities
+    writer.write(json.dumps({"return": {}, "id": asked.get("id")}).encode() + b"\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def test_a_qemu_quitting_as_its_session_begins_is_a_control_error(tmp_path: Path) -> None:
+    """qemu.qmp's connect() fails an assertion (its session no longer running) when the
+    server hangs up right after negotiating: seen as `reconcile down` exiting 70 with
+    200 VMs ending at once. Each attempt is a ControlError, never an AssertionError."""
+    paths = VMPaths(tmp_path / "vm")
+    paths.dir.mkdir()
+
+    async def attempts() -> list[str]:
+        server = await asyncio.start_unix_server(_hang_up_after_negotiation,
+                                                 path=str(paths.qmp))
+        found = []
+        try:
+            for _ in range(30):
+                try:
+                    await kvm.query_status(paths)
+                    found.append("answered")
+                except kvm.ControlError as err:
+                    found.append(str(err))
+        finally:
+            server.close()
+        return found
+
+    found = asyncio.run(attempts())
+    assert len(found) == 30 and "answered" not in found
+    assert any("the session ended as it began" in f for f in found), found[:3]
