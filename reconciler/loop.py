@@ -132,14 +132,20 @@ async def reconcile_once(
     alone until they have. `empty_ok`: the directory is written by the reconciler
     itself (a cluster member's), so no manifests means no VMs, and they are pruned.
     """
-    loaded = load_manifests(manifests, state_dir=state.root, max_bytes=max_bytes,
-                            allow_dirs=allow_dirs, cache_dir=state.cache_dir)
+    # Observing (records, /proc, each VM's QMP) needs nothing of the manifests: it
+    # runs while they load (validation, or a validation ahead being waited for).
+    now = time.time()
+    observing = asyncio.ensure_future(observe(state, kvm.query_status, now=now))
+    try:
+        loaded = await asyncio.to_thread(
+            load_manifests, manifests, state_dir=state.root, max_bytes=max_bytes,
+            allow_dirs=allow_dirs, cache_dir=state.cache_dir)
+    finally:
+        seen, unreadable = await observing
     report = Report(errors=[str(e) for e in loaded.errors])
     if not loaded.files and not loaded.errors and not empty_ok:
         report.errors.append(f"{manifests}: no *.yaml or *.yml manifests found; "
                              "nothing is pruned (`reconcile down` stops every VM)")
-    now = time.time()
-    seen, unreadable = await observe(state, kvm.query_status, now=now)
     busy = set(inflight.tasks) if inflight is not None else set()
     if not check and await _recover(state, seen, now=now, busy=busy):
         now = time.time()
