@@ -74,14 +74,17 @@ def parse_cpus(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[IPv4Network, str]]:
+def host_routes(table: Path = Path("/proc/net/route"), *,
+                text: str | None = None) -> list[tuple[IPv4Network, str]]:
     """The IPv4 routes of this network namespace as (destination, device), default
-    route left out."""
+    route left out; from `text` (the table as read before) when given."""
     routes = []
-    try:
-        lines = table.read_text().splitlines()[1:]
-    except OSError:
-        return []
+    if text is None:
+        try:
+            text = table.read_text()
+        except OSError:
+            return []
+    lines = text.splitlines()[1:]
     for line in lines:
         fields = line.split()
         if len(fields) < 8:

@@ -141,6 +141,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     context = info.context or {}
     text = str(value)
     if text.startswith("~"):
+        valcache.note("/etc/nsswitch.conf", content=True)
         valcache.note("/etc/passwd", content=True)  # ~user
         try:
             text = str(value.expanduser())
@@ -679,6 +680,7 @@ class VM(BaseModel):
         import grp
         import pwd
 
+        valcache.note("/etc/nsswitch.conf", content=True)
         valcache.note("/etc/passwd", content=True)
         valcache.note("/etc/group", content=True)
         user, _, group = value.partition(":")
@@ -802,7 +804,7 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
 
 
 def _load(listing: Listing, read: list[tuple[Path, bytes | ManifestError | None]],
-          context: dict[str, Any]) -> Manifests:
+          context: dict[str, Any], *, route_table: str | None = None) -> Manifests:
     result = Manifests()
     result.errors += listing.errors
     vms: dict[str, Declared] = {}
@@ -867,7 +869,8 @@ def _load(listing: Listing, read: list[tuple[Path, bytes | ManifestError | None]
         switches = {n: d for n, d in switches.items() if not is_data(d.file)}
         result.files = [f for f in result.files if not is_data(f)]
         result.empty = {f for f in result.empty if not is_data(f)}
-    result.errors += _subnet_overlaps(switches, routes=host_routes())
+    routes = host_routes() if route_table is None else host_routes(text=route_table)
+    result.errors += _subnet_overlaps(switches, routes=routes)
     # A file with any error contributes nothing: its VMs stay exactly as they are.
     # A VM whose switch is missing (or in a broken file) breaks its own file in turn.
     while True:

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ class _Input:
     listing: Listing
     read: list[tuple[Path, bytes | ManifestError | None]]
     context: dict[str, Any]
+    routes: bytes  # /proc/net/route as the key has it: what validation is given too
     key: str
     cache: valcache.Cache
 
@@ -64,11 +66,12 @@ def _input(root: Path, *, max_bytes: int, state_dir: Path | None,
     except OSError:
         routes = b""
     key = valcache.key_of([
-        slot, valcache.package_stamp(), _library_stamp(), os.environ.get("HOME"), routes,
+        slot, valcache.package_stamp(), _library_stamp(), sys.version, os.environ.get("HOME"),
+        routes,
         [str(e) for e in listing.errors],
         *((str(p), hashlib.sha256(d).digest() if isinstance(d, bytes) else str(d))
           for p, d in read)])
-    return _Input(listing, read, context, key, valcache.Cache(cache_dir, repr(slot)))
+    return _Input(listing, read, context, routes, key, valcache.Cache(cache_dir, repr(slot)))
 
 
 def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
@@ -109,8 +112,13 @@ def ahead(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
         return
     try:
         ready, told = os.pipe()
+    except OSError:
+        return
+    try:
         pid = os.fork()
     except OSError:
+        os.close(ready)
+        os.close(told)
         return
     if pid:
         os.close(told)
@@ -139,7 +147,8 @@ def _validate(given: _Input, *, child: bool = False) -> Manifests:
     from reconciler import desired
 
     with valcache.noting() as noted:
-        result = desired._load(given.listing, given.read, given.context)
+        result = desired._load(given.listing, given.read, given.context,
+                               route_table=given.routes.decode(errors="replace"))
     if any(d.vm.cloud_init is not None for d in result.vms.values()):
         return result  # its texts may hold secrets: they go into the seed, nowhere else
     try:

@@ -124,9 +124,9 @@ class Record:
         records does not import it)."""
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # pydantic says why (nested too deep)
             data = None
-        found = _exact(cls, data)
+        found = _exact(cls, data) if _plain(data) else None
         if isinstance(found, Record):
             return found
         record: Record = _record_adapter().validate_json(text)
@@ -150,6 +150,29 @@ _EXACT: dict[str, Callable[[Any], bool]] = {
     "dict[str, Any]": lambda v: type(v) is dict,
     "dict[str, str]": lambda v: type(v) is dict and all(type(x) is str for x in v.values()),
 }
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """JSON nested no deeper than 100 (pydantic's parser stops at 200) whose strings
+    are all valid UTF-8 (pydantic refuses a lone surrogate): what the fast path takes;
+    anything else is left to pydantic."""
+    if isinstance(value, str):
+        return value.isascii() or _utf8(value)
+    if depth > 100:
+        return False
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _exact(kind: type[Any], data: Any) -> Any:

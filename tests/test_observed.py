@@ -217,3 +217,28 @@ def test_a_changed_record_reads_as_pydantic_reads_it(record: Record, key: str,
         data[key] = value
     text = json.dumps(data)
     assert _by_us(text) == _by_pydantic(text)
+
+
+@pytest.mark.parametrize("change", ["nested 150", "nested 250", "nested 3000",
+                                    "lone surrogate", "surrogate pair"])
+def test_records_pydantic_refuses_are_refused(change: str, tmp_path: Path) -> None:
+    """Deep nesting (pydantic's parser stops at 200 levels; json's at about 1000, with
+    a RecursionError) and lone surrogates (from a file name that is not UTF-8): the
+    same answer as pydantic's, and an unreadable record, never a crash of the pass."""
+    data = dataclasses.asdict(make_record(1, 1))
+    if change.startswith("nested"):
+        depth = int(change.split()[1])
+        text = json.dumps(data).replace('"spec": {', '"spec": {"x": ' + "[" * depth
+                                        + "]" * depth + ", ", 1)
+    else:
+        data["source"] = "\udcff.yaml" if change == "lone surrogate" else "\U0001f600.yaml"
+        text = json.dumps(data)
+    assert _by_us(text) == _by_pydantic(text)
+    state = StateDir(tmp_path / "state")
+    (state.vms_dir / "web").mkdir(parents=True)
+    (state.vms_dir / "web" / "record.json").write_text(text)
+    found, problems = state.records()
+    if _by_pydantic(text) == "refused":
+        assert not found and "unreadable record" in problems["web"]
+    else:
+        assert found["web"] == _by_pydantic(text) and not problems
