@@ -62,7 +62,7 @@ from reconciler.declared import parse_cpus as parse_cpus
 from reconciler.declared import validation_context as validation_context
 from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES as DEFAULT_MAX_MANIFEST_BYTES
 from reconciler.listing import MANIFEST_SUFFIXES as MANIFEST_SUFFIXES
-from reconciler.listing import Listing, clip, shown
+from reconciler.listing import Listing, Read, clip, read_manifests, shown
 from reconciler.listing import ManifestError as ManifestError
 from reconciler.listing import manifest_files as manifest_files
 from reconciler.listing import read_manifest as read_manifest
@@ -798,13 +798,12 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     under one of them (symlinks resolved). `reconciler.manifests.load` is the same
     with the validation cache.
     """
-    listing = manifest_files(root)
-    read = [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
+    listing, read = read_manifests(root, max_bytes=max_bytes)
     return _load(listing, read, load_context(state_dir, allow_dirs))
 
 
-def _load(listing: Listing, read: list[tuple[Path, bytes | ManifestError | None]],
-          context: dict[str, Any], *, route_table: str | None = None) -> Manifests:
+def _load(listing: Listing, read: Read, context: dict[str, Any], *,
+          route_table: str | None = None) -> Manifests:
     result = Manifests()
     result.errors += listing.errors
     vms: dict[str, Declared] = {}

@@ -170,6 +170,15 @@ def read_manifest(path: Path, *, max_bytes: int) -> bytes | ManifestError | None
         os.close(fd)
 
 
+Read = list[tuple[Path, bytes | ManifestError | None]]
+
+
+def read_manifests(root: Path, *, max_bytes: int) -> tuple[Listing, Read]:
+    """The manifest files under root, and each one's bytes (or why not), as read now."""
+    listing = manifest_files(root)
+    return listing, [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
+
+
 def _unreadable(path: Path, err: OSError | ValueError) -> str:
     """Why stat() or open() of a manifest path failed, for a user."""
     if isinstance(err, ValueError):

@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from reconciler import faults, valcache
 from reconciler.declared import Frozen, Manifests, load_context
-from reconciler.listing import (
-    DEFAULT_MAX_MANIFEST_BYTES,
-    Listing,
-    ManifestError,
-    manifest_files,
-    read_manifest,
-)
+from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES, Listing, Read, read_manifests
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -48,7 +42,7 @@ class _Input:
     """What validation reads of a manifest directory, and its cache key."""
 
     listing: Listing
-    read: list[tuple[Path, bytes | ManifestError | None]]
+    read: Read
     context: dict[str, Any]
     routes: bytes  # /proc/net/route as the key has it: what validation is given too
     key: str
@@ -57,8 +51,7 @@ class _Input:
 
 def _input(root: Path, *, max_bytes: int, state_dir: Path | None,
            allow_dirs: Sequence[Path], cache_dir: Path) -> _Input:
-    listing = manifest_files(root)
-    read = [(path, read_manifest(path, max_bytes=max_bytes)) for path in listing.files]
+    listing, read = read_manifests(root, max_bytes=max_bytes)
     context = load_context(state_dir, allow_dirs)
     slot = (os.path.abspath(root), context, max_bytes)
     try:
