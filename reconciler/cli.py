@@ -388,11 +388,8 @@ def _once_pass(args: argparse.Namespace, state: StateDir, *, check: bool) -> Rep
 
     from reconciler.loop import reconcile_once
 
-    if check:
-        return asyncio.run(reconcile_once(args.path, state, check=True,
-                                          max_bytes=_max_bytes(args),
-                                          allow_dirs=_allowed(args), diff=args.diff))
-    return asyncio.run(reconcile_once(args.path, state, parallel=args.parallel,
+    # With check, the pass returns before parallel, stagger or wait are used.
+    return asyncio.run(reconcile_once(args.path, state, check=check, parallel=args.parallel,
                                       stagger=args.stagger, wait=args.wait,
                                       max_bytes=_max_bytes(args), allow_dirs=_allowed(args),
                                       diff=args.diff))
