@@ -126,7 +126,7 @@ class Record:
             data = json.loads(text)
         except (ValueError, RecursionError):  # pydantic says why (nested too deep)
             data = None
-        found = _exact(cls, data) if _plain(data) else None
+        found = _exact(cls, data) if _tame(data) else None
         if isinstance(found, Record):
             return found
         record: Record = _record_adapter().validate_json(text)
@@ -152,7 +152,7 @@ _EXACT: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
+def _tame(value: Any, depth: int = 0) -> bool:
     """JSON nested no deeper than 100 (pydantic's parser stops at 200) whose strings
     are all valid UTF-8 (pydantic refuses a lone surrogate): what the fast path takes;
     anything else is left to pydantic."""
@@ -161,9 +161,9 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if depth > 100:
         return False
     if isinstance(value, dict):
-        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+        return all(_tame(k, depth + 1) and _tame(v, depth + 1) for k, v in value.items())
     if isinstance(value, list):
-        return all(_plain(v, depth + 1) for v in value)
+        return all(_tame(v, depth + 1) for v in value)
     return True
 
 
