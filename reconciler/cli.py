@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from reconciler.loop import Report
 
 EX_USAGE = 64
+PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"  # see _no_pydantic_plugins
 SUBCOMMANDS = ("status", "list", "validate", "schema", "down", "console", "ssh", "import",
                "push", "drain")
 
@@ -240,9 +241,7 @@ EX_SOFTWARE = 70
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
     os.umask(0o077)  # records, logs and sockets are the reconciler's (root's) only
-    # No pydantic plugins here: looking for them reads every installed package's
-    # metadata when the first validator is built (~9 ms of a run that validates).
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    _no_pydantic_plugins()
     for stream in (sys.stdout, sys.stderr):  # a message never fails to print
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -267,6 +266,25 @@ def main(argv: Sequence[str] | None = None) -> None:
               file=sys.stderr)
         code = EX_SOFTWARE
     sys.exit(code)
+
+
+def _no_pydantic_plugins() -> None:
+    """No pydantic plugins here: looking for them reads every installed package's
+    metadata when the first validator is built (~9 ms of a run that validates).
+
+    Even told so, pydantic imports `importlib.metadata` (~11 ms: email, zipfile, csv)
+    before it reads the variable, to have the function that would look. Its plugin
+    loader is given as a module whose `get_plugins` finds none, which is all the real
+    one does under this variable. A user who names plugins in the variable gets
+    pydantic's own loader.
+    """
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if os.environ["PYDANTIC_DISABLE_PLUGINS"] in ("__all__", "1", "true"):
+        import types
+
+        loader = types.ModuleType(PYDANTIC_PLUGIN_LOADER, "No pydantic plugins (reconciler)")
+        loader.get_plugins = tuple  # type: ignore[attr-defined]  # get_plugins() -> ()
+        sys.modules.setdefault(PYDANTIC_PLUGIN_LOADER, loader)
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ cached."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,36 @@ def test_when_the_child_cannot_keep_its_result_the_parent_validates(
     out = _ahead_then_load(tree, state)
     assert "pydantic: True" in out.stdout and "('web-2'," in out.stdout
     assert not (state / "cache").exists()
+
+
+def test_pydantic_finds_no_plugins_either_way() -> None:
+    """The command stands in for pydantic's plugin loader when the environment turns
+    plugins off (it would import importlib.metadata only to find none). The real one,
+    told the same, finds none too; pydantic still takes get_plugins from it (if not,
+    the stand-in is inert, and this fails); a validation with the stand-in imports no
+    importlib.metadata; a variable naming plugins leaves pydantic's own loader."""
+    script = (
+        "import inspect, os, sys\n"
+        "from reconciler import cli\n"
+        "cli._no_pydantic_plugins()\n"
+        "stand_in = sys.modules.get(cli.PYDANTIC_PLUGIN_LOADER)\n"
+        "print('stand-in:', stand_in is not None and tuple(stand_in.get_plugins()))\n"
+        "from reconciler import desired\n"
+        "desired.VM.model_validate({'name': 'a', 'boot': {'kernel': '/bin/sh'}})\n"
+        "print('metadata:', 'importlib.metadata' in sys.modules)\n"
+        "del sys.modules[cli.PYDANTIC_PLUGIN_LOADER]\n"
+        "from pydantic.plugin import _loader, _schema_validator\n"
+        "print('real:', tuple(_loader.get_plugins()))\n"
+        "print('taken:', 'from ._loader import get_plugins' in "
+        "inspect.getsource(_schema_validator.create_schema_validator))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.stdout.split("\n")[:4] == ["stand-in: ()", "metadata: False", "real: ()",
+                                          "taken: True"], out.stdout + out.stderr
+    named = subprocess.run(
+        [sys.executable, "-c", "import sys; from reconciler import cli; "
+         "cli._no_pydantic_plugins(); print(cli.PYDANTIC_PLUGIN_LOADER in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+        env={**env, "PYDANTIC_DISABLE_PLUGINS": "some_plugin"})
+    assert named.stdout.strip() == "False", named.stdout + named.stderr
