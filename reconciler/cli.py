@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from reconciler.observed import StateDir, StateDirError, default_state_dir
+from reconciler.statepath import StateDirError, cache_dir, default_state_dir, state_root
 
 if TYPE_CHECKING:
     from reconciler.loop import Report
+    from reconciler.observed import StateDir
+    from reconciler.validator import Validator
 
 EX_USAGE = 64
 PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"  # see _no_pydantic_plugins
@@ -246,8 +248,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     debug = "--debug" in args_list
+    # A pass validates: start the validator (a child) before anything else is done.
+    validator = _validator_for(args_list)
     try:
-        code = _dispatch(args_list)
+        code = _dispatch(args_list, validator)
     except StateDirError as err:
         print(f"reconcile: {err}", file=sys.stderr)
         code = 1
@@ -265,7 +269,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"reconcile: internal error: {type(err).__name__}: {err}{hint}",
               file=sys.stderr)
         code = EX_SOFTWARE
+    finally:
+        if validator is not None:
+            validator.dismiss()  # not given a job (a usage error, an exit before it)
     sys.exit(code)
+
+
+def _validator_for(argv: list[str]) -> Validator | None:
+    """The validator for `--once` and `--check` (as far as a look at the words before
+    any `--` tells: parsing them is what it does not wait for)."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    if "--once" not in words and "--check" not in words:
+        return None
+    from reconciler import validator
+
+    return validator.start()
 
 
 def _no_pydantic_plugins() -> None:
@@ -287,7 +305,7 @@ def _no_pydantic_plugins() -> None:
         sys.modules.setdefault(PYDANTIC_PLUGIN_LOADER, loader)
 
 
-def _dispatch(argv: list[str]) -> int:
+def _dispatch(argv: list[str], validator: Validator | None = None) -> int:
     # Global options may come before or after the subcommand; the first word left is
     # the subcommand if it names one (a directory called `status` is `./status`).
     # After `--` nothing is ours: it is `reconcile ssh`'s remote command.
@@ -334,7 +352,7 @@ def _dispatch(argv: list[str]) -> int:
         args.path = Path(args.path)
     if args.once or args.check:  # a check is always a single pass
         _logging(args.verbose, debug=args.debug)
-        return _once(args)
+        return _once(args, validator)
     if args.wait or args.json:
         parser.error("--wait and --json go with --once")
     _logging(True, json_lines=args.log_format == "json", debug=args.debug)
@@ -364,6 +382,8 @@ def _logging(verbose: bool, *, json_lines: bool = False, debug: bool = False) ->
 
 
 def _state(args: argparse.Namespace) -> StateDir:
+    from reconciler.observed import StateDir
+
     return StateDir(args.state_dir or default_state_dir())
 
 
@@ -385,23 +405,25 @@ def _allowed(args: argparse.Namespace, *, say: bool = True) -> list[Path]:
     return roots
 
 
-def _once(args: argparse.Namespace) -> int:
-    state = _state(args)
-    if args.check:
-        report = _once_pass(args, state, check=True)
-    else:
-        with state.locked():
-            report = _once_pass(args, state, check=False)
+def _once(args: argparse.Namespace, validator: Validator | None) -> int:
+    from reconciler import manifests
+
+    # First of all, before the state dir, asyncio and the loop are imported: on a miss,
+    # the validator validates meanwhile.
+    root = state_root(args.state_dir)
+    with manifests.ahead(args.path, validator=validator, max_bytes=_max_bytes(args),
+                         state_dir=root, allow_dirs=_allowed(args, say=False),
+                         cache_dir=cache_dir(root)):
+        state = _state(args)
+        if args.check:
+            report = _once_pass(args, state, check=True)
+        else:
+            with state.locked():
+                report = _once_pass(args, state, check=False)
     return _once_report(args, report)
 
 
 def _once_pass(args: argparse.Namespace, state: StateDir, *, check: bool) -> Report:
-    from reconciler import manifests
-
-    # Before asyncio and the loop are imported: on a miss, a child process validates
-    # meanwhile (this module imports neither at the top for that reason).
-    manifests.ahead(args.path, max_bytes=_max_bytes(args), state_dir=state.root,
-                    allow_dirs=_allowed(args, say=False), cache_dir=state.cache_dir)
     import asyncio
 
     from reconciler.loop import reconcile_once

@@ -8,8 +8,8 @@ the tests), `hit()` costs one dictionary lookup.
 
 The points, in the order a VM's life meets them:
 
-    after-ahead     a miss: the child that validates ahead is forked, and runs on
-    mid-validation  (in that child) validated, the result not yet kept in the cache
+    after-ahead     a miss: the validator (a child) is given the manifests, and runs on
+    mid-validation  (in the validator) validated, the result not yet sent
     before-spawn    the start record (intent) is written, QEMU is not yet spawned
     after-spawn     QEMU is spawned, its pid is not yet in the record
     mid-terminate   the power button was pressed, the VM has not ended yet

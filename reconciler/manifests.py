@@ -3,9 +3,10 @@
 `load()` is `reconciler.desired.load` with the cache: while nothing validation read
 has changed, the manifests come back from the state dir as they were validated, and
 this run imports neither YAML nor pydantic nor the models (a no-op `--once` starts
-that much sooner). On a miss it validates (`reconciler.desired`, imported then) and
-keeps the result, its models made `Frozen` (plain values, their memoized results, and
-each model pickled whole for whatever else is asked of it).
+that much sooner). On a miss the validator (`reconciler.validator`, a child process)
+validates, given the job by `ahead`, or else this process does (`reconciler.desired`,
+imported then); the result is kept, its models made `Frozen` (plain values, their
+memoized results, and each model pickled whole for whatever else is asked of it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 import os
 import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,13 +29,16 @@ from reconciler.listing import DEFAULT_MAX_MANIFEST_BYTES, Listing, Read, read_m
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from reconciler.validator import Validator
+
 # The zero-argument methods whose results a Frozen keeps (the models memoize them or
 # compute them from what they memoize: callers only read them).
 FROZEN_CALLS = ("spec", "hardware", "spec_hash", "writable_disks")
 
 
-# What `ahead` found or started, by cache file: (key, the hit or the child's pid).
-_ahead: dict[Path, tuple[str, Manifests | int]] = {}
+# What `ahead` found or gave its validator, by cache file: (key, the hit or the
+# validator that validates it).
+_ahead: dict[Path, tuple[str, Manifests | Validator]] = {}
 
 
 @dataclass(frozen=True)
@@ -71,87 +75,93 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
          state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
          cache_dir: Path) -> Manifests:
     """Load and validate every manifest under root (as desired.load), through the
-    cache in cache_dir (filled ahead by a child process when `ahead` started one)."""
+    cache in cache_dir, or from the validator `ahead` gave them to (its result is
+    kept in the cache)."""
     given = _input(root, max_bytes=max_bytes, state_dir=state_dir, allow_dirs=allow_dirs,
                    cache_dir=cache_dir)
     key, found = _ahead.pop(given.cache.path, ("", None))
-    if isinstance(found, int):
-        with contextlib.suppress(ChildProcessError, InterruptedError):
-            os.waitpid(found, 0)
-    elif found is not None and key == given.key:
-        return found  # ahead's hit, a moment ago
+    if isinstance(found, Manifests):
+        if key == given.key:
+            return found  # ahead's hit, a moment ago
+    elif found is not None:
+        sent = found.collect()
+        if sent and isinstance(value := given.cache.take(sent, given.key), Manifests):
+            given.cache.store(sent)
+            return value
     if isinstance(hit := given.cache.get(given.key), Manifests):
         return hit
-    return _validate(given)
+    result, entry = _validate(given)
+    if entry is not None:
+        given.cache.store(entry)
+    return result
 
 
-def ahead(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
-          state_dir: Path | None = None, allow_dirs: Sequence[Path] = (),
-          cache_dir: Path) -> None:
-    """On a miss, validate in a child process (fork) that fills the cache, while this
-    one goes on importing the rest (the driver, asyncio, QMP); `load` then waits for
-    it and takes the entry. Two cores do in parallel what one did in turn: the import
-    of pydantic and the models, and the validation, no longer precede the rest.
-    Nothing on a hit, when the result would not be cached (a `cloud_init`, as far as a
-    look at the bytes tells) or when it cannot fork: `load` validates then, as always.
+@contextlib.contextmanager
+def ahead(root: Path, *, validator: Validator | None,
+          max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES, state_dir: Path | None = None,
+          allow_dirs: Sequence[Path] = (), cache_dir: Path) -> Iterator[None]:
+    """On a miss, have the validator (`reconciler.validator`: a child process, most
+    likely done importing pydantic and the models by now) validate while this process
+    goes on importing the rest (the driver, asyncio, QMP) and observing; `load`,
+    inside the block, takes its result. Two cores do in parallel what one did in
+    turn. The validator is sent away on a hit, when the result would not be cached
+    (a `cloud_init`, as far as a look at the bytes tells), and when the block ends
+    (an error before `load`): `load` validates itself then, as always.
     """
     given = _input(root, max_bytes=max_bytes, state_dir=state_dir, allow_dirs=allow_dirs,
                    cache_dir=cache_dir)
-    if given.cache.path in _ahead or any(isinstance(d, bytes) and b"cloud_init" in d
-                                         for _, d in given.read):
-        return
-    if isinstance(hit := given.cache.get(given.key), Manifests):
-        _ahead[given.cache.path] = (given.key, hit)
-        return
     try:
-        ready, told = os.pipe()
-    except OSError:
-        return
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(ready)
-        os.close(told)
-        return
-    if pid:
-        os.close(told)
-        os.read(ready, 1)  # the child has let go of our files (the state dir's lock)
-        os.close(ready)
-        _ahead[given.cache.path] = (given.key, pid)
-        faults.hit("after-ahead")
-        return
-    try:  # the child: holding nothing of the parent's, quiet, and gone without
-        # running the parent's exit handlers
-        os.closerange(3, told)
-        os.closerange(told + 1, os.sysconf("SC_OPEN_MAX"))
-        os.write(told, b".")
-        os.close(told)
-        quiet = os.open(os.devnull, os.O_RDWR)
-        os.dup2(quiet, 0)
-        os.dup2(quiet, 1)
-        os.dup2(quiet, 2)
-        _validate(given, child=True)
+        if given.cache.path not in _ahead and not any(
+                isinstance(d, bytes) and b"cloud_init" in d for _, d in given.read):
+            if isinstance(hit := given.cache.get(given.key), Manifests):
+                _ahead[given.cache.path] = (given.key, hit)
+            elif validator is not None:
+                validator.give(pickle.dumps(
+                    {"root": root, "max_bytes": max_bytes, "state_dir": state_dir,
+                     "allow_dirs": list(allow_dirs), "cache_dir": cache_dir}))
+                _ahead[given.cache.path] = (given.key, validator)
+                faults.hit("after-ahead")
+        yield
     finally:
-        os._exit(0)
+        _ahead.pop(given.cache.path, None)
+        if validator is not None:
+            validator.dismiss()
 
 
-def _validate(given: _Input, *, child: bool = False) -> Manifests:
-    """Validate (importing the models), and keep the result in the cache if it may be."""
+def serve(job: int, result: int) -> None:
+    """The validator's side (in the child): import what validation needs, wait for
+    the job (nothing: dismissed), read and validate the manifests it names, and send
+    the cache entry down result (nothing if the result may not be cached)."""
+    from reconciler import desired  # noqa: F401  (the imports: the point of starting early)
+
+    chunks = []
+    while chunk := os.read(job, 1 << 16):
+        chunks.append(chunk)
+    if not chunks:
+        return
+    given = _input(**pickle.loads(b"".join(chunks)))
+    _, entry = _validate(given)
+    faults.hit("mid-validation")
+    if entry is not None:
+        with os.fdopen(result, "wb") as out:
+            out.write(entry)
+
+
+def _validate(given: _Input) -> tuple[Manifests, bytes | None]:
+    """Validate (importing the models): the result, and its cache entry if it may be
+    kept."""
     from reconciler import desired
 
     with valcache.noting() as noted:
         result = desired._load(given.listing, given.read, given.context,
                                route_table=given.routes.decode(errors="replace"))
     if any(d.vm.cloud_init is not None for d in result.vms.values()):
-        return result  # its texts may hold secrets: they go into the seed, nowhere else
+        return result, None  # its texts may hold secrets: they go into the seed only
     try:
         kept = freeze(result)
     except Exception:  # something that does not pickle: only no cache
-        return result
-    if child:
-        faults.hit("mid-validation")
-    given.cache.put(given.key, noted, kept)
-    return result
+        return result, None
+    return result, given.cache.entry(given.key, noted, kept)
 
 
 def _library_stamp() -> list[tuple[str, int, int]]:

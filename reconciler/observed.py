@@ -29,12 +29,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from reconciler.statepath import StateDirError as StateDirError
+from reconciler.statepath import cache_dir, state_root
+from reconciler.statepath import default_state_dir as default_state_dir
+
 # sockaddr_un.sun_path is 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
-
-
-class StateDirError(Exception):
-    """The state dir cannot be used (in use, unwritable, path too long)."""
 
 
 class Status(StrEnum):
@@ -65,15 +65,6 @@ class Exit:
     detail: str
     at: float
     requested: bool = False  # this reconciler asked for it (terminate, save)
-
-
-def default_state_dir() -> Path:
-    if env := os.environ.get("RECONCILER_STATE_DIR"):
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/reconciler")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "reconciler"
 
 
 @dataclass(frozen=True)
@@ -276,12 +267,10 @@ class VMPaths:
 
 class StateDir:
     def __init__(self, root: Path) -> None:
-        # Resolved: one state dir has one spelling, in records and in QEMU's argv, so
-        # an orphan QEMU is recognised whichever way the dir was named (../state, a link).
-        self.root = root.resolve()
+        self.root = state_root(root)
         self.vms_dir = self.root / "vms"
         self.switches_dir = self.root / "switches"  # local switches: dnsmasq, leases
-        self.cache_dir = self.root / "cache"  # validated manifests (valcache)
+        self.cache_dir = cache_dir(self.root)
         if len(str(self.paths("x").serial)) > MAX_SOCKET_PATH:
             raise StateDirError(
                 f"state dir {self.root} is too long for the unix sockets of its VMs; "

@@ -101,33 +101,52 @@ class Cache:
                     or found.st_mode & 0o022):
                 return None
             with os.fdopen(os.dup(fd), "rb") as f:
-                entry = pickle.load(f)
-        except Exception:  # corrupt, truncated, from another version: validate again
+                entry = f.read()
+        except OSError:
             return None
         finally:
             os.close(fd)
-        if not (isinstance(entry, tuple) and len(entry) == 4 and entry[0] == FORMAT
-                and entry[1] == key):
+        return self.take(entry, key)
+
+    @staticmethod
+    def take(entry: bytes, key: str) -> Any | None:
+        """The value an entry (as `entry` made it) holds for key, if every path noted
+        still looks the same; None if not, or if it is not such an entry."""
+        try:
+            found = pickle.loads(entry)
+        except Exception:  # corrupt, truncated, from another version: validate again
             return None
-        _, _, looks, value = entry
+        if not (isinstance(found, tuple) and len(found) == 4 and found[0] == FORMAT
+                and found[1] == key):
+            return None
+        _, _, looks, value = found
         if any(look(path, content) != seen for path, content, seen in looks):
             return None
         return value
 
-    def put(self, key: str, noted: dict[str, bool], value: Any) -> None:
-        """Store value; quietly nothing when the state dir cannot take it."""
-        import tempfile
-
+    @staticmethod
+    def entry(key: str, noted: dict[str, bool], value: Any) -> bytes | None:
+        """The entry for value under key, the paths noted as they look now (None if
+        the value does not pickle)."""
         looks = [(path, content, look(path, content)) for path, content in noted.items()]
         try:
-            blob = pickle.dumps((FORMAT, key, looks, value), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((FORMAT, key, looks, value), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None
+
+    def store(self, entry: bytes) -> None:
+        """Keep an entry (replacing the one before); quietly nothing when the state
+        dir cannot take it (read-only, someone else's)."""
+        import tempfile
+
+        try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        except Exception:  # read-only state dir, someone else's, an unpicklable value
+        except OSError:
             return
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+                f.write(entry)
             os.replace(tmp, self.path)
         except OSError:
             with contextlib.suppress(OSError):

@@ -187,8 +187,9 @@ def test_a_noop_once_from_the_cache_imports_neither_pydantic_nor_yaml(
         tree: Path, tmp_path: Path) -> None:
     """What makes the cached no-op fast, checked without timing it: the run that finds
     its manifests in the cache never imports pydantic, PyYAML or the models (a record
-    read back is built without pydantic too), nor does one that misses (a child
-    validates), unless the cache cannot be written."""
+    read back is built without pydantic too), nor does one that misses (the validator
+    child validates), even when the cache cannot be written; unless the validator dies
+    before it sends its result."""
     state = tmp_path / "state"
     (tree / "vms.yaml").write_text(MANIFEST.replace("name: web-1", "name: web-1\nstate: stopped"))
     script = (
@@ -198,46 +199,55 @@ def test_a_noop_once_from_the_cache_imports_neither_pydantic_nor_yaml(
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('pydantic', 'pydantic_core', 'yaml') or m == 'reconciler.desired'))\n")
+        "print('imported:', sorted(m for m, module in sys.modules.items() if "
+        "(m.split('.')[0] in ('pydantic', 'pydantic_core', 'yaml') or m == 'reconciler.desired')"
+        " and getattr(module, '__file__', None)))\n")  # not the plugin loader cli stands in
     argv = [sys.executable, "-c", script, "--once", str(tree), "--state-dir", str(state)]
     blocked = [*argv[:-1], str(tmp_path / "blocked")]
     (tmp_path / "blocked").mkdir()
-    (tmp_path / "blocked" / "cache").write_text("no cache here: the run validates itself")
+    (tmp_path / "blocked" / "cache").write_text("no cache here")
     uncached = subprocess.run(blocked, capture_output=True, text=True, timeout=60)
     assert "recap: 1 ok" in uncached.stdout, uncached.stdout + uncached.stderr
-    assert "'pydantic'" in uncached.stdout.rpartition("imported:")[2]  # validating needs it
-    assert "'yaml'" in uncached.stdout.rpartition("imported:")[2]
+    assert "imported: []" in uncached.stdout  # the validator's result, not kept
+    assert (tmp_path / "blocked" / "cache").read_text() == "no cache here"
+    died = subprocess.run(blocked, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RECONCILER_FAULT": "mid-validation"})
+    assert "recap: 1 ok" in died.stdout, died.stdout + died.stderr
+    assert "'pydantic'" in died.stdout.rpartition("imported:")[2]  # validating needs it
+    assert "'yaml'" in died.stdout.rpartition("imported:")[2]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert "recap: 1 ok" in first.stdout, first.stdout + first.stderr
-    assert "imported: []" in first.stdout  # a miss: validated ahead, in a child
+    assert "imported: []" in first.stdout  # a miss: validated by the validator
     assert "recap: 1 ok" in second.stdout, second.stdout + second.stderr
     assert "imported: []" in second.stdout  # a hit
 
 
-def _ahead_then_load(tree: Path, state: Path) -> subprocess.CompletedProcess[str]:
-    """manifests.ahead, then load, in a process of their own: what the parent imported
-    and what it loaded."""
+def _ahead_then_load(tree: Path, state: Path, *, fault: str = ""
+                     ) -> subprocess.CompletedProcess[str]:
+    """A validator started, manifests.ahead, then load, in a process of their own:
+    what the process imported and what it loaded."""
     script = (
         "import sys\n"
         "from pathlib import Path\n"
+        "from reconciler import validator\n"
+        "child = validator.start()\n"
         "from reconciler import manifests\n"
         "from reconciler.observed import StateDir\n"
         "tree, state = Path(sys.argv[1]), StateDir(Path(sys.argv[2]))\n"
-        "with state.locked():\n"
-        "    manifests.ahead(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
-        "with state.locked():  # the child never holds the lock\n"
-        "    pass\n"
-        "got = manifests.load(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
+        "with manifests.ahead(tree, validator=child, state_dir=state.root,\n"
+        "                     cache_dir=state.cache_dir):\n"
+        "    with state.locked():  # taken while the child validates\n"
+        "        got = manifests.load(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
         "print('pydantic:', 'pydantic' in sys.modules)\n"
         "print('errors:', [str(e) for e in got.errors])\n"
         "print('specs:', sorted((n, d.vm.spec_hash()) for n, d in got.vms.items()))\n")
+    env = {**os.environ, "RECONCILER_FAULT": fault} if fault else None
     return subprocess.run([sys.executable, "-c", script, str(tree), str(state)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_a_miss_validated_ahead_in_a_child_is_what_validating_gives(
+def test_a_miss_validated_by_the_validator_is_what_validating_gives(
         tree: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     expected = desired.load(tree, state_dir=state)
@@ -246,6 +256,7 @@ def test_a_miss_validated_ahead_in_a_child_is_what_validating_gives(
     assert out.returncode == 0, out.stderr
     assert "pydantic: False" in out.stdout  # the child validated, the parent did not
     assert f"specs: {specs}" in out.stdout and "errors: []" in out.stdout
+    assert list((state / "cache").glob("manifests-*.pickle"))  # the parent kept it
     (tree / "vms.yaml").write_text(MANIFEST.replace("boot: {kernel: vmlinuz}",
                                                     "boot: {kernel: nowhere}"))
     out = _ahead_then_load(tree, state)
@@ -253,19 +264,54 @@ def test_a_miss_validated_ahead_in_a_child_is_what_validating_gives(
     assert "file not found" in out.stdout  # the error, as validating gives it
 
 
-def test_when_the_child_cannot_keep_its_result_the_parent_validates(
+def test_when_the_validator_has_no_result_the_parent_validates(
         tree: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    state.mkdir()
-    (state / "cache").write_text("a file where the cache dir would go")
-    out = _ahead_then_load(tree, state)
+    out = _ahead_then_load(tree, state, fault="mid-validation")  # it died first
     assert out.returncode == 0, out.stderr
     assert "pydantic: True" in out.stdout and "('web-1'," in out.stdout
-    (tree / "seeded.yaml").write_text(SEEDED)  # not cached (secrets): no child at all
-    (state / "cache").unlink()
+    (tree / "seeded.yaml").write_text(SEEDED)  # not cached (secrets): no job at all
+    for entry in (state / "cache").iterdir():
+        entry.unlink()
     out = _ahead_then_load(tree, state)
     assert "pydantic: True" in out.stdout and "('web-2'," in out.stdout
-    assert not (state / "cache").exists()
+    assert not list((state / "cache").iterdir())
+
+
+def _ours(marker: str) -> list[str]:
+    """The processes (zombies too) whose command line holds marker."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_text():
+                found.append(f"{proc.name}: {(proc / 'stat').read_text().split()[2]}")
+        except OSError:
+            continue
+    return found
+
+
+def test_the_validator_never_outlives_the_command(tree: Path, tmp_path: Path) -> None:
+    """`--once` forks the validator before it parses its arguments: whatever the run
+    ends in (a usage error, a state dir it cannot use, a hit, a miss, manifests with
+    errors), the child is gone (killed or ended, and reaped) when the command is."""
+    state = tmp_path / "s"
+    (tree / "vms.yaml").write_text(MANIFEST.replace("name: web-1", "name: web-1\nstate: stopped"))
+    base = [sys.executable, "-m", "reconciler.cli", "--state-dir", str(state)]
+    too_long = [*base[:-1], str(state / ("x" * 100)), "--once", str(tree)]
+    runs = [([*base, "--once", "--no-such-option", str(tree)], 64),
+            (too_long, 1),  # given its job, then the state dir is refused
+            ([*base, "--once", str(tree)], 0),  # a miss: validated by the child
+            ([*base, "--once", str(tree)], 0),  # a hit: the child is sent away
+            ([*base, "--check", str(tree / "vms.yaml")], 0)]
+    for argv, code in runs:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == code, out.stdout + out.stderr
+        assert _ours(str(state)) == [], argv
+    (tree / "vms.yaml").write_text("name: [oops\n")
+    out = subprocess.run([*base, "--once", str(tree)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "vms.yaml:2: YAML syntax error" in out.stderr
+    assert _ours(str(state)) == []
 
 
 def test_pydantic_finds_no_plugins_either_way() -> None:
