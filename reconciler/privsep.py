@@ -7,9 +7,11 @@ from root clears every capability); the seccomp sandbox stays on top.
 What QEMU may not open itself, the reconciler opens and hands over (`Handoff`): disk,
 cdrom, seed and backing images as `-add-fd` fd sets (`/dev/fdset/N`), the console log the
 same way, the QMP, console and agent sockets as listening sockets (`fd=N`), taps as
-`/dev/net/tun` descriptors attached to the VM's tap (`fd=N`), the kernel and initrd as
-memfd copies (QEMU takes them by name only; the kernel's copy is emptied once QEMU
-has read it, the initrd's stays: QEMU maps it). QEMU so needs no path of the host at
+`/dev/net/tun` descriptors attached to the VM's tap (`fd=N`), the kernel and initrd by
+`/proc/self/fd/N` (QEMU takes them by name only): a kernel QEMU's user may read anyway
+as a descriptor of the file itself (no copy: the name reopens that file alone, with
+QEMU's permissions), any other as a memfd copy (a kernel's is emptied once QEMU has
+read it; the initrd's stays: QEMU maps it). QEMU so needs no path of the host at
 all (no pidfile either: a clean exit is traced to its log), and may traverse none of
 the state dir.
 
@@ -23,6 +25,7 @@ cannot reach each other's consoles or QMP sockets by name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import grp
 import os
@@ -178,10 +181,21 @@ class Handoff:
         return self._keep(sock.detach())
 
     def copy(self, path: Path, *, mapped: bool) -> str:
-        """A memfd copy of a file QEMU opens by name (kernel, initrd): the name to give it.
+        """A file QEMU opens by name (kernel, initrd): the name to give it, /proc/self/fd/N.
 
-        `mapped`: QEMU maps it for the guest's life (the initrd); else it reads it at
-        start (the kernel), and `loaded` empties the copy."""
+        A kernel QEMU's user may read anyway (`may_read`) is handed over as itself: the
+        name reopens that one file, with QEMU's own permissions, and names no path of
+        the host. Anything else is a memfd copy. `mapped`: QEMU maps it for the guest's
+        life (the initrd: copied, so what the guest maps never changes under it); else
+        it reads it at start (the kernel), and `loaded` empties the copy."""
+        if not mapped:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise PrivsepError(f"cannot read {path}: {err.strerror}") from err
+            if may_read(fd, self.who):
+                return f"/proc/self/fd/{self._keep(fd)}"
+            os.close(fd)
         try:
             with open(path, "rb") as src:
                 fd = self._keep(os.memfd_create(path.name, os.MFD_CLOEXEC))
@@ -230,6 +244,30 @@ class Handoff:
         self.fds = [fd for fd in self._memfds if keep_copies]
         if not keep_copies:
             self._memfds.clear()
+
+
+def may_read(fd: int, who: Identity | None) -> bool:
+    """Whether who (None: this process's user) may read the regular file open as fd,
+    as the kernel decides it from its mode bits; False when an ACL could decide
+    otherwise (it is not ours to interpret)."""
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
+        return False
+    try:
+        os.getxattr(fd, "system.posix_acl_access")
+        return False
+    except OSError as err:
+        if err.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+    if who is None:
+        uid, groups = os.geteuid(), {os.getegid(), *os.getgroups()}
+    else:
+        uid, groups = who.uid, {who.gid, *who.groups}
+    if found.st_uid == uid:
+        return bool(found.st_mode & stat.S_IRUSR)
+    if found.st_gid in groups:
+        return bool(found.st_mode & stat.S_IRGRP)
+    return bool(found.st_mode & stat.S_IROTH)
 
 
 def can_open_kvm(who: Identity | None, device: Path = Path("/dev/kvm")) -> bool:

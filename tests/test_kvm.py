@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from reconciler.desired import VM, Accel
 from reconciler.kvm import choose_accel, opt
 from reconciler.kvm import qemu_argv as _qemu_argv
 from reconciler.observed import VMPaths
-from reconciler.privsep import Handoff
+from reconciler.privsep import Handoff, Identity
 
 
 def qemu_argv(vm: VM, paths: VMPaths, **options: object) -> list[str]:
@@ -99,6 +101,53 @@ def test_kernel_initrd_and_cmdline_are_passed_verbatim(tmp_path: Path) -> None:
     assert [v.rsplit("/", 1)[0] for v in value_after(argv, "-kernel") + value_after(
         argv, "-initrd")] == ["/proc/self/fd"] * 2  # copies: QEMU may not read the file
     assert value_after(argv, "-append") == ["console=ttyS0,115200 quiet"]
+
+
+def _acl_denying(uid: int) -> bytes:
+    """A POSIX access ACL (the kernel's xattr form) that gives user uid nothing."""
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 0, uid), (0x04, 4, 0xFFFFFFFF),
+               (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_a_kernel_qemu_may_read_is_handed_as_itself_any_other_is_copied(
+        tmp_path: Path) -> None:
+    """QEMU reopens /proc/self/fd/N with its own permissions: the kernel itself goes
+    only where its mode bits let QEMU's user read it (the owner's bits for the owner,
+    the group's for its groups, else the others'), and never with an ACL; the initrd
+    is always a copy (QEMU maps it)."""
+    who = Identity(user="q", uid=12345, gid=12345, groups=(23456,))
+    cases = [  # (mode, uid, gid, handed as itself)
+        (0o644, 0, 0, True), (0o600, 0, 0, False), (0o640, 0, 23456, True),
+        (0o640, 0, 0, False), (0o004, 12345, 0, False), (0o400, 12345, 0, True),
+        (0o440, 0, 12345, True)]
+    for index, (mode, uid, gid, itself) in enumerate(cases):
+        kernel = tmp_path / f"vmlinuz-{index}"
+        kernel.write_bytes(b"kernel")
+        os.chown(kernel, uid, gid)
+        kernel.chmod(mode)
+        files = Handoff(who)
+        try:
+            name = files.copy(kernel, mapped=False)
+            link = os.readlink(name.replace("self", str(os.getpid())))
+            assert (link == str(kernel)) == itself, (oct(mode), uid, gid, link)
+            assert link == str(kernel) or link.startswith("/memfd:"), link
+            initrd = os.readlink(files.copy(kernel, mapped=True))
+            assert initrd.startswith("/memfd:"), initrd
+        finally:
+            files.close()
+    kernel = tmp_path / "vmlinuz-acl"
+    kernel.write_bytes(b"kernel")
+    kernel.chmod(0o644)
+    try:
+        os.setxattr(kernel, "system.posix_acl_access", _acl_denying(12345))
+    except OSError as err:
+        pytest.skip(f"no POSIX ACLs here: {err}")
+    files = Handoff(who)
+    try:
+        assert os.readlink(files.copy(kernel, mapped=False)).startswith("/memfd:")
+    finally:
+        files.close()
 
 
 @pytest.mark.parametrize(("modules", "expected"), [

@@ -257,3 +257,29 @@ def test_qemu_runs_without_root_and_an_owner_sees_only_their_own_vm(
     assert code == 0, (out, err)
     assert not {"mine", "other"} & {r["name"] for r in json.loads(out)}, out
     reconcile("down", check=0)
+
+
+@pytest.mark.qemu
+def test_a_kernel_qemu_may_not_read_is_copied_and_both_kinds_boot(
+    tmp_path: Path, guest: Path, state_dir: Path, reconcile: Reconcile,
+) -> None:
+    """The kernel is handed as itself where QEMU's user may read it (0644, as Debian
+    ships them) and as a memfd copy where not (0600, root's): QEMU reads either by
+    /proc/self/fd/N, and both guests boot."""
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)  # QEMU's user cannot even reach it by name
+    private = images / "vmlinuz"
+    private.write_bytes((guest / "vmlinuz").read_bytes())
+    private.chmod(0o600)
+    manifests = tmp_path / "vms"
+    manifests.mkdir()
+    (manifests / "vms.yaml").write_text(
+        vm_manifest("shared", guest, ready="{serial: 'up uptime'}") + "---\n"
+        + vm_manifest("private", guest, ready="{serial: 'up uptime'}").replace(
+            f"kernel: {guest / 'vmlinuz'}", f"kernel: {private}"))
+    reconcile("--once", "--wait", manifests, check=0)
+    for name, kernel in (("shared", str(guest / "vmlinuz")), ("private", "/memfd:vmlinuz")):
+        fd_dir = Path(f"/proc/{pid_of(state_dir, name)}/fd")
+        links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        assert any(link.startswith(kernel) for link in links), (name, links)
+    reconcile("down", check=0)
