@@ -14,13 +14,14 @@ command keeps in the cache.
 Above `manifests` (the child runs its `serve`); the command holds a `Validator`. The
 child holds nothing of its parent's (every inherited descriptor is closed, its
 stdio is /dev/null), writes nothing but its result down its pipe, and ends without
-running the parent's exit handlers. Only `os` is imported here: whatever the command
+running the parent's exit handlers. Only `os` (and `gc`) is imported here: whatever the command
 imports before the fork is a cost the child shares.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 
@@ -103,6 +104,9 @@ def start() -> Validator | None:
         os.close(result_out)
         return Validator(pid, job_out, result_in)
     try:  # the child: holding nothing of the parent's, quiet
+        # Short-lived, and mostly importing: the cyclic collector would only scan the
+        # growing heap again and again (~6% of the imports' time); it exits instead.
+        gc.disable()
         keep = sorted((job_in, result_out))
         os.closerange(3, keep[0])
         os.closerange(keep[0] + 1, keep[1])
