@@ -17,7 +17,7 @@ import importlib.util
 import os
 import pickle
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -97,16 +97,18 @@ def load(root: Path, *, max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
 
 
 @contextlib.contextmanager
-def ahead(root: Path, *, validator: Validator | None,
+def ahead(root: Path, *, validator: Validator | None = None,
+          start: Callable[[], Validator | None] | None = None,
           max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES, state_dir: Path | None = None,
           allow_dirs: Sequence[Path] = (), cache_dir: Path) -> Iterator[None]:
-    """On a miss, have the validator (`reconciler.validator`: a child process, most
-    likely done importing pydantic and the models by now) validate while this process
-    goes on importing the rest (the driver, asyncio, QMP) and observing; `load`,
-    inside the block, takes its result. Two cores do in parallel what one did in
-    turn. The validator is sent away on a hit, when the result would not be cached
-    (a `cloud_init`, as far as a look at the bytes tells), and when the block ends
-    (an error before `load`): `load` validates itself then, as always.
+    """On a miss, have a validator (`reconciler.validator`: a child process; the one
+    started with the command, importing pydantic and the models since, or else one
+    `start` forks now) validate while this process goes on importing the rest (the
+    driver, asyncio, QMP) and observing; `load`, inside the block, takes its result.
+    Two cores do in parallel what one did in turn. The validator is sent away at once
+    on a hit or when the result would not be cached (a `cloud_init`, as far as a look
+    at the bytes tells), else when the block ends (an error before `load`). Without
+    one, `load` validates itself, as always.
     """
     given = _input(root, max_bytes=max_bytes, state_dir=state_dir, allow_dirs=allow_dirs,
                    cache_dir=cache_dir)
@@ -115,17 +117,20 @@ def ahead(root: Path, *, validator: Validator | None,
                 isinstance(d, bytes) and b"cloud_init" in d for _, d in given.read):
             if isinstance(hit := given.cache.get(given.key), Manifests):
                 _ahead[given.cache.path] = (given.key, hit)
-            elif validator is not None:
-                validator.give(pickle.dumps(
+            elif (child := validator or (start() if start else None)) is not None:
+                validator = None  # given its job: now _ahead's
+                child.give(pickle.dumps(
                     {"root": root, "max_bytes": max_bytes, "state_dir": state_dir,
                      "allow_dirs": list(allow_dirs), "cache_dir": cache_dir}))
-                _ahead[given.cache.path] = (given.key, validator)
+                _ahead[given.cache.path] = (given.key, child)
                 faults.hit("after-ahead")
+        if validator is not None:
+            validator.dismiss()  # no job for it
         yield
     finally:
-        _ahead.pop(given.cache.path, None)
-        if validator is not None:
-            validator.dismiss()
+        left = _ahead.pop(given.cache.path, ("", None))[1]
+        if left is not None and not isinstance(left, Manifests):
+            left.dismiss()
 
 
 def serve(job: int, result: int) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 FORMAT = 2  # bump when the pickled classes change shape (2: models kept as Frozen)
 _PACKAGE = Path(__file__).resolve().parent
+_PREFIX = "manifests-"  # an entry's file name: then its slot's hash
 
 # The paths validation looked at: path -> whether its content mattered (True) or only
 # what it is (a regular file, a directory, nothing; where its symlinks lead).
@@ -82,12 +83,21 @@ def key_of(parts: Iterable[object]) -> str:
     return digest.hexdigest()
 
 
+def holds_entries(directory: Path) -> bool:
+    """Whether directory holds any entry (of any manifest directory)."""
+    try:
+        with os.scandir(directory) as scan:
+            return any(e.name.startswith(_PREFIX) for e in scan)
+    except OSError:
+        return False
+
+
 class Cache:
     """One entry per manifest directory and options (`slot`), replaced on each miss."""
 
     def __init__(self, directory: Path, slot: str) -> None:
         self.directory = directory
-        self.path = directory / f"manifests-{key_of([FORMAT, slot])[:20]}.pickle"
+        self.path = directory / f"{_PREFIX}{key_of([FORMAT, slot])[:20]}.pickle"
 
     def get(self, key: str) -> Any | None:
         try:

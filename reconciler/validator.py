@@ -2,19 +2,21 @@
 the rest.
 
 A cold `reconcile --once` spends most of its time importing what validation needs
-(PyYAML, pydantic, the models), and none of that depends on the arguments. So the
-command forks the validator first thing (`start`), before it parses its arguments:
-the child imports all that at once, on the second core, and waits for its job. The
-command meanwhile parses its arguments, reads the manifests, imports the loop and
-observes the VMs. `manifests.ahead` gives the child the manifests as read (a miss:
-`give`), or sends it away (`dismiss`: the cache had them, or they are not to be
-cached); `manifests.load` takes its result (`collect`): the cache entry, which the
-command keeps in the cache.
+(PyYAML, pydantic, the models), and none of that depends on the arguments. On a state
+dir without any cache (a first run), the command forks the validator first thing
+(`start`), before it parses its arguments: the child imports all that at once, on the
+second core, and waits for its job, while the command parses its arguments, reads the
+manifests, imports the loop and observes the VMs. Elsewhere a hit is likely, and a
+child forked for nothing would cost it more than it saves a miss: `manifests.ahead`
+forks one only once the cache has missed. Either way `ahead` gives the child the job
+(`give`: what to read), or sends it away (`dismiss`: the cache had the manifests, or
+they are not to be cached); `manifests.load` takes its result (`collect`): the cache
+entry, which the command keeps in the cache.
 
 Above `manifests` (the child runs its `serve`); the command holds a `Validator`. The
-child holds nothing of its parent's (every inherited descriptor is closed, its
-stdio is /dev/null), writes nothing but its result down its pipe, and ends without
-running the parent's exit handlers. Only `os` (and `gc`) is imported here: whatever the command
+child holds nothing of its parent's (every inherited descriptor is closed, its stdio
+is /dev/null), writes nothing but its result down its pipe, and ends without running
+the parent's exit handlers. Only `os` and `gc` are imported here: whatever the command
 imports before the fork is a cost the child shares.
 """
 

@@ -223,20 +223,20 @@ def test_a_noop_once_from_the_cache_imports_neither_pydantic_nor_yaml(
     assert "imported: []" in second.stdout  # a hit
 
 
-def _ahead_then_load(tree: Path, state: Path, *, fault: str = ""
+def _ahead_then_load(tree: Path, state: Path, *, fault: str = "", early: bool = True
                      ) -> subprocess.CompletedProcess[str]:
-    """A validator started, manifests.ahead, then load, in a process of their own:
-    what the process imported and what it loaded."""
+    """A validator started first (early) or by manifests.ahead, then load, in a
+    process of their own: what the process imported and what it loaded."""
     script = (
         "import sys\n"
         "from pathlib import Path\n"
         "from reconciler import validator\n"
-        "child = validator.start()\n"
+        f"child = validator.start() if {early} else None\n"
         "from reconciler import manifests\n"
         "from reconciler.observed import StateDir\n"
         "tree, state = Path(sys.argv[1]), StateDir(Path(sys.argv[2]))\n"
-        "with manifests.ahead(tree, validator=child, state_dir=state.root,\n"
-        "                     cache_dir=state.cache_dir):\n"
+        "with manifests.ahead(tree, validator=child, start=validator.start,\n"
+        "                     state_dir=state.root, cache_dir=state.cache_dir):\n"
         "    with state.locked():  # taken while the child validates\n"
         "        got = manifests.load(tree, state_dir=state.root, cache_dir=state.cache_dir)\n"
         "print('pydantic:', 'pydantic' in sys.modules)\n"
@@ -259,7 +259,7 @@ def test_a_miss_validated_by_the_validator_is_what_validating_gives(
     assert list((state / "cache").glob("manifests-*.pickle"))  # the parent kept it
     (tree / "vms.yaml").write_text(MANIFEST.replace("boot: {kernel: vmlinuz}",
                                                     "boot: {kernel: nowhere}"))
-    out = _ahead_then_load(tree, state)
+    out = _ahead_then_load(tree, state, early=False)  # a miss: ahead forks one
     assert "pydantic: False" in out.stdout and "specs: []" in out.stdout
     assert "file not found" in out.stdout  # the error, as validating gives it
 
@@ -345,3 +345,23 @@ def test_pydantic_finds_no_plugins_either_way() -> None:
         capture_output=True, text=True, timeout=60,
         env={**env, "PYDANTIC_DISABLE_PLUGINS": "some_plugin"})
     assert named.stdout.strip() == "False", named.stdout + named.stderr
+
+
+def test_the_validator_starts_first_only_where_the_state_dir_has_no_cache(
+        tmp_path: Path) -> None:
+    """Forked before the arguments are parsed only for a pass on a state dir without
+    any validated manifests (a hit is likely elsewhere, and a child forked for nothing
+    costs a hit more than it saves a miss): the state dir found as argparse would."""
+    from reconciler import cli
+
+    state = tmp_path / "state"
+    for argv in (["--once", "m", "--state-dir", str(state)],
+                 ["--check", f"--state-dir={state}", "m"]):
+        child = cli._validator_for(argv)
+        assert child is not None, argv
+        child.dismiss()
+    assert cli._validator_for(["m", "--state-dir", str(state)]) is None  # the daemon
+    assert cli._validator_for(["ssh", "vm", "--", "--once"]) is None
+    (state / "cache").mkdir(parents=True)
+    (state / "cache" / "manifests-0123.pickle").write_bytes(b"")
+    assert cli._validator_for(["--once", "m", "--state-dir", str(state)]) is None
