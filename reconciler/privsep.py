@@ -188,28 +188,27 @@ class Handoff:
         the host. Anything else is a memfd copy. `mapped`: QEMU maps it for the guest's
         life (the initrd: copied, so what the guest maps never changes under it); else
         it reads it at start (the kernel), and `loaded` empties the copy."""
-        if not mapped:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as err:
-                raise PrivsepError(f"cannot read {path}: {err.strerror}") from err
-            if may_read(fd, self.who):
-                return f"/proc/self/fd/{self._keep(fd)}"
-            os.close(fd)
         try:
-            with open(path, "rb") as src:
-                fd = self._keep(os.memfd_create(path.name, os.MFD_CLOEXEC))
-                if not mapped:
-                    self._memfds.append(fd)
-                size = os.fstat(src.fileno()).st_size
-                done = 0
-                while done < size:
-                    sent = os.sendfile(fd, src.fileno(), done, size - done)
-                    if sent == 0:
-                        break
-                    done += sent
+            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise PrivsepError(f"cannot read {path}: {err.strerror}") from err
+        if not mapped and may_read(src, self.who):
+            return f"/proc/self/fd/{self._keep(src)}"
+        try:  # the copy, of the very file just looked at
+            fd = self._keep(os.memfd_create(path.name, os.MFD_CLOEXEC))
+            if not mapped:
+                self._memfds.append(fd)
+            size = os.fstat(src).st_size
+            done = 0
+            while done < size:
+                sent = os.sendfile(fd, src, done, size - done)
+                if sent == 0:
+                    break
+                done += sent
+        except OSError as err:
+            raise PrivsepError(f"cannot read {path}: {err.strerror}") from err
+        finally:
+            os.close(src)
         return f"/proc/self/fd/{fd}"
 
     def tap(self, name: str) -> int:
